@@ -8,7 +8,7 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/eda.html.md"""
 __all__ = ['TINY_SHAKESPEARE_URL', 'TINY_SHAKESPEARE_SHA256', 'nanogpt_plus_home', 'download', 'load_text', 'tiny_shakespeare',
            'train_val_split', 'get_batch']
 
-# %% ../nbs/01_eda.ipynb #ece44018
+# %% ../nbs/01_eda.ipynb #d77a90d5
 import hashlib
 import os
 import urllib.error
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-# %% ../nbs/01_eda.ipynb #8898bd64
+# %% ../nbs/01_eda.ipynb #eef64718
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
@@ -26,7 +26,7 @@ def nanogpt_plus_home() -> Path:
     "The cache directory for downloads: `$NANOGPT_PLUS_HOME`, else `~/.cache/nanogpt_plus`."
     return Path(os.environ.get("NANOGPT_PLUS_HOME") or Path.home() / ".cache" / "nanogpt_plus").expanduser()
 
-# %% ../nbs/01_eda.ipynb #c85c3df2
+# %% ../nbs/01_eda.ipynb #dc8d80ca
 def _sha256(blob: bytes) -> str: return hashlib.sha256(blob).hexdigest()
 
 
@@ -47,7 +47,7 @@ def download(url: str, dest, sha256: str | None = None, timeout: float = 30) -> 
     os.replace(tmp, dest)  # atomic: readers see the old file or the whole new one
     return dest
 
-# %% ../nbs/01_eda.ipynb #2f162472
+# %% ../nbs/01_eda.ipynb #2e31155e
 def load_text(path) -> str:
     "Read a UTF-8 text file for training; clear errors for a missing, empty or non-UTF-8 file."
     path = Path(path)
@@ -69,14 +69,14 @@ def tiny_shakespeare() -> str:
         download(TINY_SHAKESPEARE_URL, path, sha256=TINY_SHAKESPEARE_SHA256)
     return load_text(path)
 
-# %% ../nbs/01_eda.ipynb #b8b25e42
+# %% ../nbs/01_eda.ipynb #4ff722f5
 def train_val_split(data, val_fraction: float = 0.1):
     "Split a sequence (text, list or 1-D tensor) into its first and last parts: `(train, val)`."
     if not 0 < val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n = int(len(data) * (1 - val_fraction))
     return data[:n], data[n:]
 
-# %% ../nbs/01_eda.ipynb #26e4259c
+# %% ../nbs/01_eda.ipynb #21a84061
 def get_batch(data: torch.Tensor, batch_size: int, context_size: int, generator: torch.Generator | None = None,
               device=None):
     "Draw `batch_size` random windows `(x, y)` of `context_size` tokens from the 1-D tensor `data`; `y` is `x` shifted by one."

@@ -7,12 +7,12 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/tokenizer.html.md"""
 # %% auto #0
 __all__ = ['CharTokenizer', 'GPT2Tokenizer', 'load_tokenizer']
 
-# %% ../nbs/02_tokenizer.ipynb #63039ef6
+# %% ../nbs/02_tokenizer.ipynb #c37cb648
 import json
 import os
 from pathlib import Path
 
-# %% ../nbs/02_tokenizer.ipynb #9bd98f52
+# %% ../nbs/02_tokenizer.ipynb #e3c94d29
 def _write_json(path, obj):
     "Write `obj` as JSON to `path` atomically (temporary file, then rename)."
     path = Path(path)
@@ -68,7 +68,7 @@ class CharTokenizer:
 
     def __repr__(self): return f"CharTokenizer(vocab_size={self.vocab_size})"
 
-# %% ../nbs/02_tokenizer.ipynb #53aadee0
+# %% ../nbs/02_tokenizer.ipynb #2be64b67
 class GPT2Tokenizer:
     "OpenAI's GPT-2 byte-pair encoding (50,257 tokens) through tiktoken, with the `CharTokenizer` interface."
     kind = "gpt2"
