@@ -7,21 +7,21 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/attention.html.md"""
 # %% auto #0
 __all__ = ['causal_mask', 'Head', 'MultiHeadAttention', 'CausalSelfAttention']
 
-# %% ../nbs/04_attention.ipynb #cccd4662
+# %% ../nbs/04_attention.ipynb #be329f39
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../nbs/04_attention.ipynb #d6ee739f
+# %% ../nbs/04_attention.ipynb #52115def
 def causal_mask(T: int, past: int = 0, device=None) -> torch.Tensor:
     "Boolean `(T, past + T)` mask, True where query `i` (at position `past + i`) may attend to key `j`."
     query_pos = torch.arange(past, past + T, device=device)  # (T,)
     key_pos = torch.arange(past + T, device=device)  # (past + T,)
     return key_pos[None, :] <= query_pos[:, None]  # (1, past+T) vs (T, 1) -> (T, past + T)
 
-# %% ../nbs/04_attention.ipynb #240d5557
+# %% ../nbs/04_attention.ipynb #94b70063
 def _check_attention_sizes(n_embd: int, n_head: int, dropout: float):
     if n_embd < 1 or n_head < 1:
         raise ValueError(f"n_embd and n_head must be positive, got n_embd={n_embd}, n_head={n_head}")
@@ -53,7 +53,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, n_embd) -> (B, T, hs)
         return self.dropout(self.weights(x)) @ self.value(x)  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
 
-# %% ../nbs/04_attention.ipynb #a5058f4f
+# %% ../nbs/04_attention.ipynb #b4836d7e
 class MultiHeadAttention(nn.Module):
     "`n_head` independent `Head`s, concatenated and projected back to `n_embd`."
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
@@ -67,7 +67,7 @@ class MultiHeadAttention(nn.Module):
         y = torch.cat([h(x) for h in self.heads], dim=-1)  # n_head x (B, T, hs) -> (B, T, C)
         return self.dropout(self.proj(y))
 
-# %% ../nbs/04_attention.ipynb #8eb1c159
+# %% ../nbs/04_attention.ipynb #f94eb44a
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention with one `qkv` projection and a fused attention kernel."
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):

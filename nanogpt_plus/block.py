@@ -7,14 +7,14 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/transformer_block.html.md"""
 # %% auto #0
 __all__ = ['LayerNorm', 'MLP', 'Block']
 
-# %% ../nbs/05_transformer_block.ipynb #bb23f76e
+# %% ../nbs/05_transformer_block.ipynb #357c4e1c
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import CausalSelfAttention, _check_attention_sizes
 
-# %% ../nbs/05_transformer_block.ipynb #1884fc93
+# %% ../nbs/05_transformer_block.ipynb #7581c919
 class LayerNorm(nn.Module):
     "Layer norm over the last dimension, with a learnt `weight` and an optional `bias`."
     def __init__(self, ndim: int, bias: bool = True, eps: float = 1e-5):
@@ -28,7 +28,7 @@ class LayerNorm(nn.Module):
 
     def extra_repr(self) -> str: return f"{self.weight.numel()}, bias={self.bias is not None}, eps={self.eps}"
 
-# %% ../nbs/05_transformer_block.ipynb #8867bcac
+# %% ../nbs/05_transformer_block.ipynb #cb0b1dc4
 class MLP(nn.Module):
     "Position-wise feed-forward network: Linear(C, 4C), GELU (tanh approximation), Linear(4C, C)."
     def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True):
@@ -41,7 +41,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
         return self.dropout(self.proj(self.gelu(self.fc(x))))
 
-# %% ../nbs/05_transformer_block.ipynb #c1c6bf73
+# %% ../nbs/05_transformer_block.ipynb #21959838
 class Block(nn.Module):
     "Pre-norm transformer block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`."
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):

@@ -7,7 +7,7 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/gpt.html.md"""
 # %% auto #0
 __all__ = ['PRESETS', 'GPTConfig', 'GPT']
 
-# %% ../nbs/06_gpt.ipynb #6295bd3c
+# %% ../nbs/06_gpt.ipynb #15c35e5c
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .block import Block, LayerNorm
 
-# %% ../nbs/06_gpt.ipynb #b873f9ac
+# %% ../nbs/06_gpt.ipynb #a898654d
 PRESETS = {
     # character-level sizes (nanoGPTplus's, except large: see below); vocab 65 = tiny-shakespeare's characters
     "small": dict(vocab_size=65, context_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False),
@@ -67,7 +67,7 @@ class GPTConfig:
         "The fields as a plain dict (for JSON): `GPTConfig(**config.to_dict())` gives the config back."
         return dataclasses.asdict(self)
 
-# %% ../nbs/06_gpt.ipynb #b974b574
+# %% ../nbs/06_gpt.ipynb #dfde2fba
 class GPT(nn.Module):
     "A GPT-2 style decoder-only transformer language model."
     def __init__(self, config: GPTConfig):
