@@ -7,21 +7,21 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/attention.html.md"""
 # %% auto #0
 __all__ = ['causal_mask', 'Head', 'MultiHeadAttention', 'CausalSelfAttention']
 
-# %% ../nbs/04_attention.ipynb #be329f39
+# %% ../nbs/04_attention.ipynb #5fbc2e87
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../nbs/04_attention.ipynb #52115def
+# %% ../nbs/04_attention.ipynb #1573da5b
 def causal_mask(T: int, past: int = 0, device=None) -> torch.Tensor:
     "Boolean `(T, past + T)` mask, True where query `i` (at position `past + i`) may attend to key `j`."
     query_pos = torch.arange(past, past + T, device=device)  # (T,)
     key_pos = torch.arange(past + T, device=device)  # (past + T,)
     return key_pos[None, :] <= query_pos[:, None]  # (1, past+T) vs (T, 1) -> (T, past + T)
 
-# %% ../nbs/04_attention.ipynb #94b70063
+# %% ../nbs/04_attention.ipynb #705cba0f
 def _check_attention_sizes(n_embd: int, n_head: int, dropout: float):
     if n_embd < 1 or n_head < 1:
         raise ValueError(f"n_embd and n_head must be positive, got n_embd={n_embd}, n_head={n_head}")
@@ -53,7 +53,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, n_embd) -> (B, T, hs)
         return self.dropout(self.weights(x)) @ self.value(x)  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
 
-# %% ../nbs/04_attention.ipynb #b4836d7e
+# %% ../nbs/04_attention.ipynb #d8c88fef
 class MultiHeadAttention(nn.Module):
     "`n_head` independent `Head`s, concatenated and projected back to `n_embd`."
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
@@ -67,7 +67,22 @@ class MultiHeadAttention(nn.Module):
         y = torch.cat([h(x) for h in self.heads], dim=-1)  # n_head x (B, T, hs) -> (B, T, C)
         return self.dropout(self.proj(y))
 
-# %% ../nbs/04_attention.ipynb #f94eb44a
+# %% ../nbs/04_attention.ipynb #fcecb762
+def _explicit_attention_is_faster(q: torch.Tensor, cache) -> bool:
+    "Whether to skip the fused kernel: bfloat16 training on a CPU, windows of at most 256 positions."
+    return (cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+            and q.size(-2) <= 256)
+
+
+def _explicit_causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
+    "Causal attention written out, `(B, nh, T, hs)` each -> `(B, nh, T, hs)`; the softmax runs in float32."
+    T = q.size(-2)
+    scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
+    scores = scores.masked_fill(~causal_mask(T, device=q.device), float("-inf"))
+    weights = F.dropout(scores.float().softmax(dim=-1), dropout_p).to(v.dtype)
+    return weights @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention with one `qkv` projection and a fused attention kernel."
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
@@ -95,7 +110,8 @@ class CausalSelfAttention(nn.Module):
             if past > 0:  # queries sit at past..past+T-1: the top-left triangle of is_causal would be wrong
                 is_causal = False
                 if T > 1: mask = causal_mask(T, past, device=x.device)  # (T, past + T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if _explicit_attention_is_faster(q, cache): y = _explicit_causal_attention(q, k, v, dropout_p)  # (B, nh, T, hs)
+        else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.proj(y))

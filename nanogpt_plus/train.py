@@ -10,7 +10,7 @@ __all__ = ['DTYPES', 'CHECKPOINT_FILES', 'resolve_device', 'cpu_has_fast_bf16', 
            'TrainConfig', 'StopFlag', 'graceful_interrupt', 'Trainer', 'read_metrics', 'plot_losses', 'save_loss_plot',
            'evaluate']
 
-# %% ../nbs/08_training.ipynb #6c668562
+# %% ../nbs/08_training.ipynb #f6f39148
 import contextlib
 import dataclasses
 import json
@@ -31,7 +31,7 @@ from .data import get_batch
 from .optim import lr_at, make_optimizer, set_lr
 from .tokenizer import load_tokenizer
 
-# %% ../nbs/08_training.ipynb #ae314ca6
+# %% ../nbs/08_training.ipynb #efb17b1b
 def resolve_device(name: str = "auto") -> torch.device:
     "The `torch.device` for `name` (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`); `ValueError` if unknown or absent."
     name = (name or "auto").strip().lower()
@@ -51,7 +51,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"device {name!r}: Apple's MPS backend is not available on this machine")
     return device
 
-# %% ../nbs/08_training.ipynb #5c749032
+# %% ../nbs/08_training.ipynb #3a197d31
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,7 +75,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32: return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
-# %% ../nbs/08_training.ipynb #a5dc5b85
+# %% ../nbs/08_training.ipynb #5002e786
 def model_kind(model: nn.Module) -> str:
     "`'bigram'` or `'gpt'`."
     if isinstance(model, BigramLanguageModel): return "bigram"
@@ -119,7 +119,7 @@ def save_checkpoint(directory, model: nn.Module, tokenizer, trainer_state: dict 
     if trainer_state is not None: _atomic_write(d / "trainer_state.pt", lambda p: torch.save(trainer_state, p))
     return d
 
-# %% ../nbs/08_training.ipynb #b1f44e89
+# %% ../nbs/08_training.ipynb #c0e5ac86
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
@@ -157,7 +157,7 @@ def load_trainer_state(directory) -> dict:
         raise ValueError(f"{directory} has no trainer_state.pt: it holds weights only and cannot be resumed")
     return torch.load(path, map_location="cpu", weights_only=True)
 
-# %% ../nbs/08_training.ipynb #f957922a
+# %% ../nbs/08_training.ipynb #63626df8
 @dataclass
 class TrainConfig:
     "Hyper-parameters of a training run."
@@ -191,7 +191,7 @@ class TrainConfig:
         min_lr = self.learning_rate / 10 if self.min_lr is None else self.min_lr
         return lr_at(step, self.learning_rate, self.warmup_iters, self.lr_decay_iters or self.max_iters, min_lr)
 
-# %% ../nbs/08_training.ipynb #014718dd
+# %% ../nbs/08_training.ipynb #f120c60f
 class StopFlag:
     "Set by the first Ctrl-C inside `graceful_interrupt`."
     requested = False
@@ -214,7 +214,7 @@ def graceful_interrupt():
     try: yield flag
     finally: signal.signal(signal.SIGINT, previous)
 
-# %% ../nbs/08_training.ipynb #e3a54d75
+# %% ../nbs/08_training.ipynb #a0e80027
 class Trainer:
     "Train `model` on 1-D token tensors `train_data`/`val_data`; checkpoints and metrics go to `out_dir` if given."
     def __init__(self, model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, config: TrainConfig,
@@ -353,7 +353,7 @@ class Trainer:
         bar.close()
         return self
 
-# %% ../nbs/08_training.ipynb #5a982753
+# %% ../nbs/08_training.ipynb #291f0484
 def read_metrics(path) -> list[dict]:
     "The records of a `metrics.jsonl` file."
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -377,7 +377,7 @@ def save_loss_plot(metrics: list[dict], path) -> None:
     plot_losses(metrics, fig.subplots())
     _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
 
-# %% ../nbs/08_training.ipynb #d4d87d5d
+# %% ../nbs/08_training.ipynb #ae3f632b
 @torch.no_grad()
 def evaluate(model: nn.Module, data: torch.Tensor, context_size: int | None = None, batch_size: int = 32,
              device=None, dtype: torch.dtype = torch.float32) -> float:
