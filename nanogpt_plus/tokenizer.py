@@ -7,18 +7,16 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/tokenizer.html.md"""
 # %% auto #0
 __all__ = ['CharTokenizer', 'GPT2Tokenizer', 'load_tokenizer']
 
-# %% ../nbs/02_tokenizer.ipynb #c37cb648
+# %% ../nbs/02_tokenizer.ipynb #7b29561f
 import json
-import os
 from pathlib import Path
 
-# %% ../nbs/02_tokenizer.ipynb #e3c94d29
+from .data import atomic_write
+
+# %% ../nbs/02_tokenizer.ipynb #e061dffb
 def _write_json(path, obj):
-    "Write `obj` as JSON to `path` atomically (temporary file, then rename)."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    "Write `obj` as JSON to `path` atomically."
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8"))
 
 
 def _read_json(path, what: str) -> dict:
@@ -68,7 +66,7 @@ class CharTokenizer:
 
     def __repr__(self): return f"CharTokenizer(vocab_size={self.vocab_size})"
 
-# %% ../nbs/02_tokenizer.ipynb #2be64b67
+# %% ../nbs/02_tokenizer.ipynb #2cab6b14
 class GPT2Tokenizer:
     "OpenAI's GPT-2 byte-pair encoding (50,257 tokens) through tiktoken, with the `CharTokenizer` interface."
     kind = "gpt2"

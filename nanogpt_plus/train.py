@@ -10,12 +10,11 @@ __all__ = ['DTYPES', 'CHECKPOINT_FILES', 'resolve_device', 'cpu_has_fast_bf16', 
            'TrainConfig', 'StopFlag', 'graceful_interrupt', 'Trainer', 'read_metrics', 'plot_losses', 'save_loss_plot',
            'evaluate']
 
-# %% ../nbs/08_training.ipynb #f6f39148
+# %% ../nbs/08_training.ipynb #f84b8028
 import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -27,11 +26,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .bigram import BigramLanguageModel
-from .data import get_batch
+from .data import atomic_write, get_batch
 from .optim import lr_at, make_optimizer, set_lr
 from .tokenizer import load_tokenizer
 
-# %% ../nbs/08_training.ipynb #efb17b1b
+# %% ../nbs/08_training.ipynb #ee1bf58e
 def resolve_device(name: str = "auto") -> torch.device:
     "The `torch.device` for `name` (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`); `ValueError` if unknown or absent."
     name = (name or "auto").strip().lower()
@@ -51,7 +50,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"device {name!r}: Apple's MPS backend is not available on this machine")
     return device
 
-# %% ../nbs/08_training.ipynb #3a197d31
+# %% ../nbs/08_training.ipynb #3bb40b89
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,7 +74,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32: return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
-# %% ../nbs/08_training.ipynb #5002e786
+# %% ../nbs/08_training.ipynb #e266b5b4
 def model_kind(model: nn.Module) -> str:
     "`'bigram'` or `'gpt'`."
     if isinstance(model, BigramLanguageModel): return "bigram"
@@ -96,16 +95,6 @@ def _model_config(model) -> dict:
     return {"vocab_size": model.vocab_size} if model_kind(model) == "bigram" else model.config.to_dict()
 
 
-def _atomic_write(path: Path, write) -> None:
-    "Call `write(tmp)` on a temporary path beside `path`, then rename it to `path`."
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-
-
 def save_checkpoint(directory, model: nn.Module, tokenizer, trainer_state: dict | None = None) -> Path:
     "Write `model`, `tokenizer` and optionally `trainer_state` to the checkpoint `directory`, atomically."
     d = Path(directory)
@@ -113,13 +102,13 @@ def save_checkpoint(directory, model: nn.Module, tokenizer, trainer_state: dict 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the real one
     meta = {"model": model_kind(model), "config": _model_config(model)}
     step = {"step": str(trainer_state["step"])} if trainer_state else None
-    _atomic_write(d / "model.safetensors", lambda p: save_model(model, str(p), metadata=step))
-    _atomic_write(d / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    _atomic_write(d / "tokenizer.json", tokenizer.save)
-    if trainer_state is not None: _atomic_write(d / "trainer_state.pt", lambda p: torch.save(trainer_state, p))
+    atomic_write(d / "model.safetensors", lambda p: save_model(model, str(p), metadata=step))
+    atomic_write(d / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(d / "tokenizer.json", tokenizer.save)
+    if trainer_state is not None: atomic_write(d / "trainer_state.pt", lambda p: torch.save(trainer_state, p))
     return d
 
-# %% ../nbs/08_training.ipynb #c0e5ac86
+# %% ../nbs/08_training.ipynb #b3d76721
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
@@ -157,7 +146,7 @@ def load_trainer_state(directory) -> dict:
         raise ValueError(f"{directory} has no trainer_state.pt: it holds weights only and cannot be resumed")
     return torch.load(path, map_location="cpu", weights_only=True)
 
-# %% ../nbs/08_training.ipynb #63626df8
+# %% ../nbs/08_training.ipynb #e3ce445f
 @dataclass
 class TrainConfig:
     "Hyper-parameters of a training run."
@@ -191,7 +180,7 @@ class TrainConfig:
         min_lr = self.learning_rate / 10 if self.min_lr is None else self.min_lr
         return lr_at(step, self.learning_rate, self.warmup_iters, self.lr_decay_iters or self.max_iters, min_lr)
 
-# %% ../nbs/08_training.ipynb #f120c60f
+# %% ../nbs/08_training.ipynb #9d3fd2c7
 class StopFlag:
     "Set by the first Ctrl-C inside `graceful_interrupt`."
     requested = False
@@ -214,7 +203,7 @@ def graceful_interrupt():
     try: yield flag
     finally: signal.signal(signal.SIGINT, previous)
 
-# %% ../nbs/08_training.ipynb #a0e80027
+# %% ../nbs/08_training.ipynb #d3f4efab
 class Trainer:
     "Train `model` on 1-D token tensors `train_data`/`val_data`; checkpoints and metrics go to `out_dir` if given."
     def __init__(self, model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, config: TrainConfig,
@@ -353,7 +342,7 @@ class Trainer:
         bar.close()
         return self
 
-# %% ../nbs/08_training.ipynb #291f0484
+# %% ../nbs/08_training.ipynb #5adcbe97
 def read_metrics(path) -> list[dict]:
     "The records of a `metrics.jsonl` file."
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -375,9 +364,9 @@ def save_loss_plot(metrics: list[dict], path) -> None:
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 3.5), layout="tight")
     plot_losses(metrics, fig.subplots())
-    _atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
+    atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=100))
 
-# %% ../nbs/08_training.ipynb #ae3f632b
+# %% ../nbs/08_training.ipynb #2a44781d
 @torch.no_grad()
 def evaluate(model: nn.Module, data: torch.Tensor, context_size: int | None = None, batch_size: int = 32,
              device=None, dtype: torch.dtype = torch.float32) -> float:
