@@ -11,7 +11,8 @@ every page that has a notebook in `nbs/` in headless Chromium (driven over the D
   they cannot load offline);
 - no cell output shows a traceback, ANSI colour codes or a Python warning;
 - the sidebar lists every notebook by its title (a chapter number before it and a shortened title are fine), and
-  no link inside the site points to a missing page.
+  no link inside the site points to a missing page;
+- every cross-link that nbdev makes from a name in backticks lands on a `show_doc` section of the page it names.
 
 usage: python tools/check_site.py                      # render, then check every page
        python tools/check_site.py --screenshots shots  # also save a PNG of the top of each page to shots/
@@ -340,7 +341,7 @@ def check_site(site: Path, pages: dict, browser: str, screenshots: Path | None =
         html = published.get(page or "index.html")
         if html is None: problems.append(f"{source}: cross-link to {link}, which is no page of the book")
         elif anchor and anchor not in ids[html]:
-            print(f"note: {source} links to {link}, but {html} has no #{anchor} (no show_doc for it there)")
+            problems.append(f"{source}: cross-link to {link}, but {html} has no #{anchor}: add show_doc for it there")
     for path, source in sorted(linked.items()):  # links inside the site (the sidebar, the chapter table)
         target = site / path
         if target.is_dir(): target = target / "index.html"
