@@ -18,7 +18,7 @@ def tok():
 
 
 def tiny_gpt(vocab_size, **kw):
-    gpt = pytest.importorskip("nanogpt_plus.gpt", reason="nanogpt_plus.gpt (chapter 06) not exported yet")
+    from nanogpt_plus import gpt
     cfg = dict(vocab_size=vocab_size, context_size=16, n_layer=2, n_head=2, n_embd=16) | kw
     return gpt.GPT(gpt.GPTConfig(**cfg))
 

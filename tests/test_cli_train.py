@@ -144,7 +144,6 @@ def test_help_and_module_entry_point():
 
 
 def test_train_gpt_with_shape_overrides(tmp_path, data, capsys):
-    pytest.importorskip("nanogpt_plus.gpt", reason="nanogpt_plus.gpt (chapter 06) not exported yet")
     out = tmp_path / "gpt"
     assert cli.main(["train", "gpt", "--data", str(data), "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
                      "--dropout", "0", "--max-iters", "3", "--out-dir", str(out), *FAST]) == 0

@@ -219,7 +219,7 @@ def test_stream_yields_columns_and_restores_training_mode():
 
 
 def test_bigram_generates():
-    bigram = pytest.importorskip("nanogpt_plus.bigram")
+    from nanogpt_plus import bigram
     torch.manual_seed(0)
     model = bigram.BigramLanguageModel(11)
     out = generate(model, torch.zeros(2, 1, dtype=torch.long), 15, generator=torch.Generator().manual_seed(0))

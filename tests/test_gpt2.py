@@ -2,7 +2,6 @@
 
 No test needs the network: models are random `transformers` GPT-2s saved with `save_pretrained` into temp dirs.
 """
-import json
 import os
 import subprocess
 import sys
@@ -10,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
 
-transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-
-from nanogpt_plus.gpt import GPT, GPTConfig  # noqa: E402
-from nanogpt_plus.gpt2 import (GPT2_HUB_REPOS, config_from_hf, gpt2_weight_map, load_gpt2,  # noqa: E402
+from nanogpt_plus.gpt import GPT, GPTConfig
+from nanogpt_plus.gpt2 import (GPT2_HUB_REPOS, config_from_hf, gpt2_weight_map, load_gpt2,
                                plan_gpt2_load)
 
 transformers.utils.logging.disable_progress_bar()
@@ -238,11 +236,6 @@ def test_hub_cache_is_used_offline(tmp_path, tiny_dir):
     assert r.stdout.split() == ["2", "32"]
 
 
-needs_cli = pytest.mark.skipif(not (Path(__file__).parents[1] / "nanogpt_plus" / "cli.py").exists(),
-                               reason="nanogpt_plus/cli.py not written yet")
-
-
-@needs_cli
 def test_cli_generate_from_directory(tiny_dir):
     r = cli("generate", "gpt", "--gpt2-config", str(tiny_dir), "--max-new-tokens", "5", "--temperature", "0",
             "--continue-tokens", PROMPT)
@@ -254,7 +247,6 @@ def test_cli_generate_from_directory(tiny_dir):
     assert r2.stdout == r.stdout  # greedy: the cache changes nothing
 
 
-@needs_cli
 def test_cli_offline_error(tmp_path):
     r = cli("generate", "gpt", "--gpt2-config", "gpt2", "--max-new-tokens", "5",
             env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
@@ -264,7 +256,6 @@ def test_cli_offline_error(tmp_path):
     assert "model.safetensors" in r.stderr
 
 
-@needs_cli
 def test_cli_bad_directory(tmp_path):
     r = cli("generate", "gpt", "--gpt2-config", str(tmp_path / "nope"), "--max-new-tokens", "5")
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -18,7 +18,7 @@ TRAIN, VAL = DATA[:int(0.9 * len(DATA))], DATA[int(0.9 * len(DATA)):]
 
 
 def tiny_gpt(seed=0, dropout=0.1):
-    gpt = pytest.importorskip("nanogpt_plus.gpt", reason="nanogpt_plus.gpt (chapter 06) not exported yet")
+    from nanogpt_plus import gpt
     torch.manual_seed(seed)
     return gpt.GPT(gpt.GPTConfig(vocab_size=TOK.vocab_size, context_size=16, n_layer=2, n_head=2, n_embd=16,
                                  dropout=dropout))
