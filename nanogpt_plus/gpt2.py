@@ -8,11 +8,14 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/gpt2.html.md"""
 from __future__ import annotations
 
 import json
+import socket
 import struct
+import urllib.parse
 from pathlib import Path
 
 import torch
 
+from .checkpoint import check_memory, estimate_params
 from .gpt import GPT, GPTConfig
 from .tokenizer import GPT2Tokenizer
 
@@ -225,15 +228,25 @@ def _hub_dir(name: str) -> Path:
             paths.append(hf_hub_download(repo, fname, local_files_only=True))  # cached: no network at all
             continue
         except LocalEntryNotFoundError: pass
-        try: paths.append(hf_hub_download(repo, fname))
-        except LocalEntryNotFoundError:  # what the hub client raises offline when nothing is cached
+        unreachable = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
+        if unreachable:
             raise ConnectionError(f"GPT-2 {name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                                  f"could not be downloaded (offline?). Connect to the internet once (the files "
-                                  f"are cached), or {by_hand}") from None
+                                  f"cannot be downloaded ({unreachable}). Connect to the internet once (the files "
+                                  f"are then cached), or {by_hand}. On a machine that is always offline, set "
+                                  "HF_HUB_OFFLINE=1 so that nothing tries the network") from None
+        try: paths.append(hf_hub_download(repo, fname))
         except Exception as e:  # HTTP errors, an interrupted transfer, ...
             raise ConnectionError(f"downloading {fname} of GPT-2 {name!r} from the Hugging Face hub failed "
                                   f"({type(e).__name__}: {e}); try again, or {by_hand}") from None
     return Path(paths[1]).parent
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    "Why the host of `endpoint` cannot be reached (no name, no connection within `timeout` s), or None if it can."
+    url = urllib.parse.urlsplit(endpoint)
+    try: socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e: return f"{url.hostname} cannot be reached: {getattr(e, 'strerror', None) or e}"
+    return None
 
 
 def gpt2_source_dir(source) -> Path:
@@ -258,6 +271,8 @@ def load_gpt2(
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
     config = config_from_hf(hf)
+    bytes_per_weight = (dtype or torch.float32).itemsize  # the file's are float32 for every published GPT-2
+    check_memory(estimate_params("gpt", config) * bytes_per_weight, torch.device(device), f"the GPT-2 in {directory}")
     tokenizer = GPT2Tokenizer()
     if config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"{directory} has a vocabulary of {config.vocab_size} tokens, fewer than GPT-2's "
