@@ -1,4 +1,4 @@
-"""The simplest language model that learns: predict the next character from the current one. Train it, sample from it, and see what it cannot do.
+"""The simplest language model that learns: predict the next character from the current one. Train it, build the sampling loop every model of the book uses (temperature, top-k, top-p), and see what a bigram cannot do.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/bigram.html.md"""
 
