@@ -1,4 +1,4 @@
-"""Turn next-token logits into text: temperature, top-k, top-p, seeds, streaming, and a key-value cache that makes each new token cheap, exact even past the context window.
+"""Sampling a trained GPT: temperatures, the price of the fast overflow mode, time and memory of the key-value cache, bf16 weights, a weight layout for one-token steps, and text shown as it is generated.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/generation.html.md"""
 
@@ -7,194 +7,12 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/generation.html.md"""
 # %% ../nbs/09_generation.ipynb #4656d975
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import codecs
 
 import torch
-import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['OVERFLOW_MODES', 'DEFAULT_SEED', 'check_sampling_args', 'sample_next_token', 'LayerKVCache', 'KVCache', 'stream',
-           'generate', 'to_decode_layout', 'add_generate_args', 'default_checkpoint_dir', 'start_token',
-           'load_model_for', 'TextPrinter', 'generate_command']
-
-# %% ../nbs/09_generation.ipynb #c81e8639
-def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
-    "Raise a `ValueError` that says what to do when a sampling setting is out of range."
-    if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
-        raise ValueError(f"top_k must be a whole number >= 1 (1 means greedy) or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token) or None, got {top_p}")
-
-# %% ../nbs/09_generation.ipynb #868cbcc1
-def sample_next_token(
-    logits: torch.Tensor,  # (B, V) next-token logits
-    temperature: float = 1.0,  # < 1 sharpens, > 1 flattens, 0 is greedy
-    top_k: int | None = None,  # keep the k most likely tokens (exactly k, even with ties)
-    top_p: float | None = None,  # keep the smallest set of tokens with probability >= top_p
-    generator: torch.Generator | None = None,  # for repeatable draws
-) -> torch.Tensor:  # (B, 1) token ids
-    "Pick one next token per row of `logits`."
-    check_sampling_args(temperature, top_k, top_p)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1, keepdim=True)  # greedy: the first of tied maxima
-    logits = logits.float() / temperature
-    V = logits.size(-1)
-    if top_k is not None and top_k < V:
-        keep_idx = torch.topk(logits, top_k, dim=-1).indices  # (B, k): exactly k, ties broken by topk
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, keep_idx, True)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)  # (B, V) each
-        probs = F.softmax(sorted_logits, dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # probability mass of the tokens ranked above each one
-        drop_sorted = before >= top_p  # the top token has before == 0 < top_p: always kept
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, sorted_idx, drop_sorted)  # back to vocab order
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-# %% ../nbs/09_generation.ipynb #53b0f641
-class LayerKVCache:
-    "The view of one layer's buffers in a `KVCache`."
-    def __init__(self, cache: KVCache, i: int):
-        self.cache, self.i = cache, i
-
-    @property
-    def past_len(self) -> int:
-        return self.cache.pos
-
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        "Store `k`, `v` `(B, nh, T, hs)` at positions `[past_len, past_len+T)`; return all keys and values so far."
-        kbuf, vbuf = self.cache.k[self.i], self.cache.v[self.i]  # (B, nh, max_len, hs) each
-        P, T = self.cache.pos, k.size(2)
-        if k.shape[:2] != kbuf.shape[:2] or k.size(3) != kbuf.size(3):
-            raise ValueError(f"k has shape {tuple(k.shape)}, the cache holds {tuple(kbuf.shape)}")
-        if P + T > kbuf.size(2):
-            raise ValueError(f"cache full: {P} + {T} positions > max_len {kbuf.size(2)}")
-        kbuf[:, :, P:P + T] = k
-        vbuf[:, :, P:P + T] = v
-        return kbuf[:, :, :P + T], vbuf[:, :, :P + T]  # (B, nh, P+T, hs) views, no copy
-
-
-class KVCache:
-    "Preallocated keys and values for every layer of a GPT, filled position by position."
-    def __init__(self, config, batch_size: int, max_len: int | None = None, device=None, dtype=None):
-        self.max_len = config.context_size if max_len is None else max_len
-        if batch_size < 1 or self.max_len < 1:
-            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {self.max_len}")
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, self.max_len, hs)
-        dtype = dtype or torch.get_default_dtype()
-        # empty, not zeros: only positions [0, pos) are ever read, and zeroing ~75 MB (GPT-2) costs a token's time
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0
-
-    def layer(self, i: int) -> LayerKVCache:
-        return LayerKVCache(self, i)
-
-    def advance(self, T: int):
-        "Mark `T` more positions as stored (called once per forward pass, after every layer)."
-        if self.pos + T > self.max_len:
-            raise ValueError(f"cannot advance {T} positions from {self.pos}: max_len is {self.max_len}")
-        self.pos += T
-
-    def reset(self):
-        "Forget every stored position (the buffers are reused)."
-        self.pos = 0
-
-    @property
-    def nbytes(self) -> int:
-        "Bytes held by the buffers."
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def __repr__(self):
-        B, nh, L, hs = self.k[0].shape
-        return f"KVCache(layers={len(self.k)}, B={B}, nh={nh}, max_len={L}, hs={hs}, pos={self.pos})"
-
-# %% ../nbs/09_generation.ipynb #d709b926
-OVERFLOW_MODES = ("exact", "half")
-
-def _check_generation_args(model, idx, max_new_tokens, use_kv_cache, overflow):
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
-        got = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
-        raise ValueError(f"idx must be a (B, T) LongTensor of token ids, got {got}; "
-                         "use idx[None] for a single sequence")
-    if idx.size(0) < 1:
-        raise ValueError("idx has no rows: give at least one prompt")
-    if idx.size(1) < 1:
-        raise ValueError("idx is empty: give at least one token to start from (for example the id of "
-                         "'\\n' for a character tokenizer, or <|endoftext|> (50256) for GPT-2)")
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens}")
-    if overflow not in OVERFLOW_MODES:
-        raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
-    if use_kv_cache and not hasattr(model, "config"):
-        raise ValueError(f"{type(model).__name__} has no key-value cache (it only looks at "
-                         f"{model.context_size} token(s)): leave use_kv_cache off")
-
-# %% ../nbs/09_generation.ipynb #b1f65605
-@torch.no_grad()
-def stream(
-    model,  # a GPT or bigram: model(idx, kv_cache=..., last_only=True) -> (logits, loss)
-    idx: torch.Tensor,  # (B, T) prompt token ids, T >= 1
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-    use_kv_cache: bool = False,
-    overflow: str = "exact",  # past the context window: "exact" recomputes, "half" re-prefills half a window
-):
-    "Yield `max_new_tokens` new `(B, 1)` token ids, one step at a time."
-    check_sampling_args(temperature, top_k, top_p)
-    _check_generation_args(model, idx, max_new_tokens, use_kv_cache, overflow)
-    C = model.context_size
-    B, T0 = idx.shape
-    seq = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)  # all tokens so far
-    seq[:, :T0] = idx
-    L = T0  # tokens in seq
-    cache = None
-    if use_kv_cache:
-        param = next(model.parameters())
-        cache = KVCache(model.config, B, device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()  # no dropout while sampling; restored below
-    try:
-        for _ in range(max_new_tokens):
-            if cache is None:
-                logits, _ = model(seq[:, max(0, L - C):L], last_only=True)
-            elif cache.pos == 0:  # prefill the (cropped) prompt
-                logits, _ = model(seq[:, max(0, L - C):L], kv_cache=cache, last_only=True)
-            elif cache.pos < C:  # decode: one new token at position cache.pos
-                logits, _ = model(seq[:, L - 1:L], kv_cache=cache, last_only=True)
-            elif overflow == "exact":  # window full: every position moved, recompute without the cache
-                logits, _ = model(seq[:, L - C:L], last_only=True)
-            else:  # "half": restart the cache from the last half window
-                cache.reset()
-                logits, _ = model(seq[:, L - max(1, C // 2):L], kv_cache=cache, last_only=True)
-            nxt = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            seq[:, L:L + 1] = nxt
-            L += 1
-            yield nxt
-    finally:
-        model.train(was_training)
-
-# %% ../nbs/09_generation.ipynb #ba37f5b0
-def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, use_kv_cache: bool = False,
-             overflow: str = "exact") -> torch.Tensor:
-    "Return `idx` `(B, T)` followed by `max_new_tokens` sampled tokens: `(B, T + max_new_tokens)`."
-    new = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
-                      use_kv_cache, overflow))
-    return torch.cat([idx, *new], dim=1)
+__all__ = ['to_decode_layout', 'TextStream']
 
 # %% ../nbs/09_generation.ipynb #7e91273c
 def to_decode_layout(model: torch.nn.Module, column_major: bool = True) -> torch.nn.Module:
@@ -209,143 +27,19 @@ def to_decode_layout(model: torch.nn.Module, column_major: bool = True) -> torch
     return model
 
 # %% ../nbs/09_generation.ipynb #51be089c
-DEFAULT_SEED = 42  # what --fix-seed uses
+class TextStream:
+    "Printable text from token ids as they arrive: every id decoded once, no character printed in halves."
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.bytes_level = hasattr(tokenizer, "decode_bytes")  # byte-level BPE: a token may end inside a character
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the tokenizer's decode
 
-def add_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Declare the options of `nanogpt-plus generate {bigram,gpt}` on `parser`."
-    parser.add_argument("model", choices=["bigram", "gpt"], help="which kind of model to sample from")
-    src = parser.add_argument_group("where the model comes from (first given wins)")
-    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory written by `train --out-dir DIR`")
-    src.add_argument("--gpt2-config", metavar="NAME_OR_DIR",
-                     help="OpenAI GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local directory")
-    src.add_argument("--size", default="small", choices=["small", "medium", "large"],
-                     help="use the default checkpoint checkpoints/<model>-<size> (default: %(default)s)")
-    smp = parser.add_argument_group("sampling")
-    smp.add_argument("--continue-tokens", default="", metavar="TEXT",
-                     help="prompt to continue (default: empty, start a new text)")
-    smp.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
-                     help="tokens to generate (default: %(default)s)")
-    smp.add_argument("--temperature", type=float, default=1.0,
-                     help="below 1: safer, more repetitive; above 1: more surprising; 0: greedy (default: %(default)s)")
-    smp.add_argument("--top-k", type=int, default=None, metavar="K", help="sample only among the K likeliest tokens")
-    smp.add_argument("--top-p", type=float, default=None, metavar="P",
-                     help="sample only among the likeliest tokens that together have probability P")
-    smp.add_argument("--num-samples", type=int, default=1, metavar="N",
-                     help="independent samples, generated as one batch (default: %(default)s)")
-    seed = smp.add_mutually_exclusive_group()
-    seed.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable sample")
-    seed.add_argument("--fix-seed", action="store_true", help=f"same as --seed {DEFAULT_SEED}")
-    run = parser.add_argument_group("speed")
-    run.add_argument("--use-kv-cache", action="store_true",
-                     help="keep keys and values between steps (GPT only): same tokens, much faster")
-    run.add_argument("--overflow", default="exact", choices=list(OVERFLOW_MODES),
-                     help="with the cache, past the context window: exact recomputation or the faster "
-                          "approximate 'half' (default: %(default)s)")
-    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                     help="weights for inference; bfloat16 halves their memory (default: %(default)s)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    return parser
+    def add(self, ids) -> str:
+        "The new printable text of token ids `ids` (a list or a tensor), holding back an unfinished character."
+        ids = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if not self.bytes_level: return self.tokenizer.decode(ids)
+        return self.utf8.decode(self.tokenizer.decode_bytes(ids))
 
-# %% ../nbs/09_generation.ipynb #6a85e73d
-def default_checkpoint_dir(model: str, size: str = "small") -> Path:
-    "Where `generate --size SIZE` looks: `checkpoints/<model>-<size>` (`checkpoints/bigram` for the bigram)."
-    return Path("checkpoints") / ("bigram" if model == "bigram" else f"{model}-{size}")
-
-
-def start_token(tokenizer) -> int:
-    "The token an empty prompt starts from: `<|endoftext|>` for GPT-2, else a newline (else id 0)."
-    if getattr(tokenizer, "eot_token", None) is not None:
-        return tokenizer.eot_token
-    try:
-        return tokenizer.encode("\n")[0]
-    except (ValueError, KeyError, IndexError):
-        return 0
-
-
-def load_model_for(args, device="cpu", dtype=None):
-    "The `(model, tokenizer)` that `args` point to (checkpoint, GPT-2 weights, or default checkpoint)."
-    if args.gpt2_config and args.model != "gpt":
-        raise ValueError("--gpt2-config gives a GPT: use `generate gpt --gpt2-config ...`")
-    if args.checkpoint or not args.gpt2_config:
-        from nanogpt_plus.train import load_checkpoint  # lazy: keeps `import generate` light
-        ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint_dir(args.model, args.size)
-        if not ckpt.exists():
-            raise FileNotFoundError(
-                f"no checkpoint at {ckpt}: train one with `nanogpt-plus train {args.model} --out-dir {ckpt}`"
-                + ("" if args.checkpoint else ", or pass --checkpoint DIR or --gpt2-config NAME"))
-        model, tokenizer = load_checkpoint(ckpt, device=device, kind=args.model)  # ValueError if the other kind
-    else:
-        from nanogpt_plus.gpt2 import load_gpt2  # lazy: needs transformers
-        model, tokenizer = load_gpt2(args.gpt2_config, device=device, dtype=dtype)
-    return model, tokenizer
-
-# %% ../nbs/09_generation.ipynb #bb74f091
-def _check_cli_args(args):
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p)
-    except ValueError as e:  # name the command-line flag rather than the Python argument
-        msg = str(e)
-        for name in ("temperature", "top_k", "top_p"):
-            msg = msg.replace(f"{name} must", f"--{name.replace('_', '-')} must")
-        raise ValueError(msg) from None
-    if args.use_kv_cache and args.model == "bigram":
-        raise ValueError("the bigram looks at one token and has no key-value cache: drop --use-kv-cache")
-
-
-class TextPrinter:
-    "Print decoded text as token ids arrive, holding back an incomplete UTF-8 character (BPE bytes)."
-    def __init__(self, tokenizer, out=None):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], 0
-
-    def add(self, ids, final: bool = False):
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") and not final:  # a multi-byte character split across tokens: wait
-            return
-        self.out.write(text[self.printed:])
-        self.out.flush()
-        self.printed = len(text)
-
-
-def generate_command(args) -> int:
-    "Run `nanogpt-plus generate` with parsed `args`; print the samples to stdout."
-    _check_cli_args(args)
-    from nanogpt_plus.train import resolve_device
-    device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    model, tokenizer = load_model_for(args, device, dtype)
-    model = to_decode_layout(model.to(device=device, dtype=dtype).eval())  # generation only: never saved
-    prompt = args.continue_tokens or ""
-    try:
-        ids = tokenizer.encode(prompt) if prompt else [start_token(tokenizer)]
-    except ValueError as e:
-        raise ValueError(f"the prompt cannot be encoded by this model's tokenizer: {e}") from None
-    if len(ids) > model.context_size:
-        print(f"note: the prompt has {len(ids)} tokens; the model sees only the last {model.context_size}",
-              file=sys.stderr)
-    g = torch.Generator(device=device)
-    seed = DEFAULT_SEED if args.fix_seed else args.seed
-    if seed is None:
-        g.seed()  # a fresh random seed
-    else:
-        g.manual_seed(seed)
-    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)  # (N, T)
-    opts = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g,
-                use_kv_cache=args.use_kv_cache, overflow=args.overflow)
-    if args.num_samples == 1:  # stream: print each token as it comes
-        printer = TextPrinter(tokenizer)
-        sys.stdout.write(prompt)
-        for nxt in stream(model, idx, args.max_new_tokens, **opts):
-            printer.add(nxt[0].tolist())
-        printer.add([], final=True)  # whatever is still held back
-        sys.stdout.write("\n")
-    else:  # one batch, printed when done
-        out = generate(model, idx, args.max_new_tokens, **opts)[:, len(ids):]
-        for i, row in enumerate(out.tolist()):
-            sys.stdout.write(f"--- sample {i + 1} ---\n{prompt}{tokenizer.decode(row)}\n")
-    sys.stdout.flush()
-    return 0
+    def flush(self) -> str:
+        "What is still held back, an unfinished character as U+FFFD; the stream can then start a new text."
+        return self.utf8.decode(b"", final=True) if self.bytes_level else ""

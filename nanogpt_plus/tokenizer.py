@@ -95,6 +95,13 @@ class GPT2Tokenizer:
         if bad: raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
         return self.encoding.decode(ids)
 
+    def decode_bytes(self, ids) -> bytes:
+        "The UTF-8 bytes of a sequence of token ids, before any decoding to text (a token may end mid-character)."
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad: raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        return self.encoding.decode_bytes(ids)
+
     def save(self, path): _write_json(path, {"type": self.kind, "encoding": "gpt2"})
 
     @classmethod

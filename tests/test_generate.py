@@ -1,11 +1,18 @@
-"Tests for nanogpt_plus.generate: sampling, the key-value cache, generation past the context window."
-from types import SimpleNamespace
+"""Tests of generation: sampling and the loop (bigram.py, chapter 3), the key-value cache (attention.py, chapter 4),
+the GPT's decoders (gpt.py, chapter 6), streaming text and the decode layout (generate.py, chapter 9)."""
+import ast
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
+import nanogpt_plus
 from nanogpt_plus import gpt
-from nanogpt_plus.generate import KVCache, generate, sample_next_token, stream
+from nanogpt_plus.attention import KVCache
+from nanogpt_plus.bigram import BigramLanguageModel, crop_decoder, generate, sample_next_token, stream
+from nanogpt_plus.generate import TextStream, to_decode_layout
+from nanogpt_plus.tokenizer import CharTokenizer, GPT2Tokenizer
 
 
 def tiny_gpt(bias=True, context_size=16, vocab_size=23, n_layer=2, n_head=2, n_embd=16, seed=0):
@@ -113,8 +120,7 @@ def test_bad_logits_shape():
 
 
 def test_kvcache_update_and_bytes():
-    cfg = SimpleNamespace(vocab_size=10, context_size=8, n_layer=3, n_head=2, n_embd=8)  # what KVCache reads
-    cache = KVCache(cfg, batch_size=2)
+    cache = KVCache(n_layer=3, batch_size=2, n_head=2, head_size=4, max_len=8)
     assert cache.nbytes == 2 * 3 * 2 * 2 * 8 * 4 * 4  # k and v, layers, B, nh, max_len, hs, fp32
     k = torch.randn(2, 2, 5, 4)
     for i in range(3):
@@ -130,6 +136,13 @@ def test_kvcache_update_and_bytes():
         cache.advance(4)
     cache.reset()
     assert cache.pos == 0
+    assert repr(cache) == "KVCache(layers=3, B=2, nh=2, max_len=8, hs=4, pos=0)"
+
+
+@pytest.mark.parametrize("sizes", [(0, 1, 1, 1, 1), (1, 0, 1, 1, 1), (1, 1, 0, 1, 1), (1, 1, 1, 0, 1), (1, 1, 1, 1, 0)])
+def test_kvcache_refuses_empty_sizes(sizes):
+    with pytest.raises(ValueError, match="must be >= 1"):
+        KVCache(*sizes)
 
 
 def test_chunked_prefill_matches_one_pass():
@@ -138,7 +151,7 @@ def test_chunked_prefill_matches_one_pass():
     model = tiny_gpt()
     x = prompts(B=2, T=13)
     full, _ = model(x)
-    cache = KVCache(model.config, 2)
+    cache = model.new_kv_cache(2)
     parts = [model(x[:, a:b], kv_cache=cache)[0] for a, b in [(0, 7), (7, 12), (12, 13)]]
     assert cache.pos == 13
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
@@ -146,7 +159,7 @@ def test_chunked_prefill_matches_one_pass():
 
 def test_forward_refuses_to_overflow_the_cache():
     model = tiny_gpt(context_size=8)
-    cache = KVCache(model.config, 1)
+    cache = model.new_kv_cache(1)
     model(prompts(B=1, T=8), kv_cache=cache)
     with pytest.raises(ValueError):
         model(prompts(B=1, T=1), kv_cache=cache)
@@ -177,7 +190,7 @@ def test_greedy_parity_beyond_the_context_window(bias):
     assert torch.equal(generate(model, x, 30, temperature=0, use_kv_cache=True), want)
     half = generate(model, x, 30, temperature=0, use_kv_cache=True, overflow="half")
     assert half.shape == want.shape
-    assert torch.equal(half[:, :5 + 4], want[:, :5 + 4])  # identical until the window first fills
+    assert torch.equal(half[:, :8], want[:, :8])  # identical until the window of 8 is full
 
 
 def test_prompt_longer_than_context_is_cropped():
@@ -219,9 +232,8 @@ def test_stream_yields_columns_and_restores_training_mode():
 
 
 def test_bigram_generates():
-    from nanogpt_plus import bigram
     torch.manual_seed(0)
-    model = bigram.BigramLanguageModel(11)
+    model = BigramLanguageModel(11)
     out = generate(model, torch.zeros(2, 1, dtype=torch.long), 15, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 16) and out.max() < 11
     greedy = generate(model, torch.tensor([[3]]), 5, temperature=0)
@@ -245,39 +257,211 @@ def test_bad_generation_args(idx, n, kw, msg):
         generate(tiny_gpt(), idx, n, **kw)
 
 
-# ---------------------------------------------------------------- command-line helpers
+# ---------------------------------------------------------------- decoders
 
 
-def test_text_printer_never_prints_half_a_character():
-    import io
+def test_gpt_decoders():
+    model = tiny_gpt(context_size=8)
+    seq = prompts(B=2, T=12)
+    crop = model.decoder(2)
+    want = model(seq[:, -8:])[0][:, -1]
+    torch.testing.assert_close(crop(seq), want)
+    cached = model.decoder(2, use_kv_cache=True)
+    assert isinstance(cached, gpt.CachedDecoder) and cached.cache.pos == 0
+    for L in range(3, 12):  # prefill, then one token per step, then past the window (exact)
+        torch.testing.assert_close(cached(seq[:, :L]), model(seq[:, max(0, L - 8):L])[0][:, -1], atol=1e-5, rtol=1e-5)
+    assert cached.cache.pos == 8
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        model.decoder(2, overflow="wrap")
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        gpt.CachedDecoder(model, 2, overflow="wrap")
 
-    from nanogpt_plus.generate import TextPrinter
-    from nanogpt_plus.tokenizer import GPT2Tokenizer
-    tok = GPT2Tokenizer()
+
+def test_cached_decoder_starts_over_on_a_new_sequence():
+    model = tiny_gpt(context_size=16)
+    decode = model.decoder(1, use_kv_cache=True)
+    a, b = prompts(B=1, T=5, seed=1), prompts(B=1, T=9, seed=2)
+    decode(a)
+    decode(torch.cat([a, b[:, :1]], 1))
+    torch.testing.assert_close(decode(b), model(b)[0][:, -1], atol=1e-5, rtol=1e-5)  # not one token longer: prefill
+    assert decode.cache.pos == 9
+
+
+def test_half_overflow_prefills_half_a_window():
+    model = tiny_gpt(context_size=8)
+    decode = model.decoder(1, use_kv_cache=True, overflow="half")
+    seq = prompts(B=1, T=10)
+    for L in range(1, 9):
+        decode(seq[:, :L])
+    assert decode.cache.pos == 8
+    out = decode(seq[:, :9])  # window full: restart from the last 4 tokens
+    assert decode.cache.pos == 4
+    torch.testing.assert_close(out, model(seq[:, 5:9])[0][:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_bigram_decoder():
+    model = BigramLanguageModel(7)
+    seq = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    torch.testing.assert_close(model.decoder(2)(seq), model.logits_table.weight[[3, 6]])
+    with pytest.raises(ValueError, match="no key-value cache"):
+        model.decoder(2, use_kv_cache=True)
+
+
+def test_a_given_decoder_is_used():
+    model = BigramLanguageModel(5)
+
+    def always_three(seq):
+        logits = torch.zeros(seq.size(0), 5)
+        logits[:, 3] = 100.0
+        return logits
+
+    out = generate(model, torch.zeros(2, 2, dtype=torch.long), 6, decoder=always_three)
+    assert (out[:, 2:] == 3).all()
+    with pytest.raises(ValueError, match="leave out decoder="):
+        generate(model, torch.zeros(1, 1, dtype=torch.long), 2, decoder=always_three, use_kv_cache=True)
+    with pytest.raises(TypeError):  # an option the model's decoder does not have
+        generate(model, torch.zeros(1, 1, dtype=torch.long), 2, overflow="half")
+
+
+def test_a_model_without_decoder_gets_a_clear_error():
+    class Plain(torch.nn.Module):
+        context_size = 1
+        def forward(self, idx, last_only=False): return torch.zeros(idx.size(0), 1, 3), None
+
+    with pytest.raises(TypeError, match="crop_decoder"):
+        generate(Plain(), torch.zeros(1, 1, dtype=torch.long), 2)
+    out = generate(Plain(), torch.zeros(1, 1, dtype=torch.long), 2, decoder=crop_decoder(Plain()))
+    assert out.shape == (1, 3)
+
+
+def test_model_generate_methods_equal_the_loop():
+    model = tiny_gpt(context_size=8)
+    x = prompts(B=2, T=3)
+    for kw in [dict(), dict(use_kv_cache=True), dict(use_kv_cache=True, overflow="half")]:
+        a = model.generate(x, 12, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(4), **kw)
+        b = generate(model, x, 12, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(4), **kw)
+        assert torch.equal(a, b)
+    bigram = BigramLanguageModel(23)
+    assert torch.equal(bigram.generate(x, 5, generator=torch.Generator().manual_seed(0)),
+                       generate(bigram, x, 5, generator=torch.Generator().manual_seed(0)))
+
+
+# ---------------------------------------------------------------- streaming text
+
+
+class CountingTokenizer:
+    "Counts the ids it is asked to decode; has `decode_bytes` only if the tokenizer it wraps has."
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded, self.calls = tokenizer, 0, 0
+        if hasattr(tokenizer, "decode_bytes"): self.decode_bytes = self._counted(tokenizer.decode_bytes)
+        self.decode = self._counted(tokenizer.decode)
+
+    def _counted(self, fn):
+        def counted(ids):
+            self.decoded, self.calls = self.decoded + len(ids), self.calls + 1
+            return fn(ids)
+        return counted
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return GPT2Tokenizer()
+
+
+def test_gpt2_decode_bytes(bpe):
+    ids = bpe.encode("日本 🙂")
+    assert bpe.decode_bytes(ids) == "日本 🙂".encode()
+    assert bpe.decode_bytes(torch.tensor(ids)) == "日本 🙂".encode()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        bpe.decode_bytes([bpe.vocab_size])
+
+
+def test_text_stream_never_prints_half_a_character(bpe):
     text = "Café 日本語 🙂 done"
-    ids = tok.encode(text)
+    ids = bpe.encode(text)
     assert len(ids) > len(text.split())  # some characters span several tokens
-    out = io.StringIO()
-    printer = TextPrinter(tok, out)
-    for i in ids:
-        printer.add([i])
-        assert "\ufffd" not in out.getvalue()
-    assert out.getvalue() == text
-    printer.add(tok.encode("日")[:1], final=True)  # an unfinished character at the very end is shown, not lost
-    assert out.getvalue() == text + "\ufffd"
+    s = TextStream(bpe)
+    pieces = [s.add([i]) for i in ids]
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) + s.flush() == text
+    assert s.add(bpe.encode("日")[:1]) == ""  # an unfinished character is held back...
+    assert s.flush() == "\ufffd"  # ...and shown as U+FFFD at the end, as decode shows it
+    assert s.add(torch.tensor([bpe.encode("ok")])) == "ok"  # a tensor, here (1, T), works too
 
 
-def test_start_token():
-    from nanogpt_plus.generate import start_token
-    from nanogpt_plus.tokenizer import CharTokenizer, GPT2Tokenizer
-    assert start_token(GPT2Tokenizer()) == 50256
-    tok = CharTokenizer("ab\ncd")
-    assert tok.decode([start_token(tok)]) == "\n"
-    assert start_token(CharTokenizer("abc")) == 0
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_text_stream_equals_decode_for_random_ids(bpe, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, bpe.vocab_size, (3000,), generator=g)
+    ends = torch.randint(1, 5, (3000,), generator=g).cumsum(0)
+    s = TextStream(bpe)
+    out = "".join(s.add(chunk) for chunk in ids.tensor_split(ends[ends < len(ids)])) + s.flush()
+    assert out == bpe.decode(ids)
+
+
+def test_text_stream_with_the_character_tokenizer():
+    tok = CharTokenizer("abc\nxyz é")
+    ids = tok.encode("xyz\nabc é")
+    s = TextStream(tok)
+    assert "".join(s.add([i]) for i in ids) + s.flush() == "xyz\nabc é"
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+def test_text_stream_work_is_linear(bpe, tokenizer):
+    # 50,000 tokens one at a time: every id is decoded exactly once (re-decoding the text so far at every step,
+    # as the old TextPrinter did, decodes n(n+1)/2 = 1.25e9 ids).
+    base = bpe if tokenizer == "gpt2" else CharTokenizer("abcdefgh\n ")
+    n = 50_000
+    ids = torch.randint(0, base.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    counting = CountingTokenizer(base)
+    s = TextStream(counting)
+    out = "".join(s.add([i]) for i in ids) + s.flush()
+    assert counting.decoded == n and counting.calls == n
+    assert out == base.decode(ids)
+
+
+# ---------------------------------------------------------------- the import rule
+
+
+def _chapter(path: Path) -> int:
+    m = re.search(r"File to edit: \.\./nbs/(\d+)_", path.read_text())
+    assert m, f"{path.name} names no notebook"
+    return int(m.group(1))
+
+
+def _package_imports(tree):
+    "(node, module name) of every import of a nanogpt_plus module in `tree`."
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("nanogpt_plus")):
+            base = node.module.removeprefix("nanogpt_plus").lstrip(".") if node.module else ""
+            names = [base] if base else [a.name for a in node.names]
+            for name in names: yield node, name.split(".")[0]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("nanogpt_plus."): yield node, a.name.split(".")[1]
+
+
+MODULES = sorted(p for p in Path(nanogpt_plus.__file__).parent.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.stem)
+def test_imports_run_one_way(path):
+    # A chapter's module imports modules of earlier chapters (or its own) only, at module level; the command line
+    # (the last chapter) may import anything, but also at module level only.
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    chapters = {p.stem: _chapter(p) for p in MODULES}
+    for node, name in _package_imports(tree):
+        where = f"{path.name}:{node.lineno} imports {name}"
+        assert id(node) in top, f"{where} inside a function or class: import at module level"
+        if name in chapters and path.stem != "cli":
+            assert chapters[name] <= chapters[path.stem], f"{where}, a later chapter"
+
+
+# ---------------------------------------------------------------- decode layout
 
 
 def test_decode_layout_keeps_values_names_and_ties():
-    from nanogpt_plus.generate import to_decode_layout
     model = tiny_gpt(context_size=8)
     x = prompts(B=2, T=4)
     want = generate(model, x, 12, temperature=0)

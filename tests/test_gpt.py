@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nanogpt_plus.attention import CausalSelfAttention, MultiHeadAttention, causal_mask
+from nanogpt_plus.attention import CausalSelfAttention, KVCache, MultiHeadAttention, causal_mask
 from nanogpt_plus.block import Block
 from nanogpt_plus.gpt import GPT, PRESETS, GPTConfig
 
@@ -83,14 +83,13 @@ def test_causal_mask_with_past():
     assert m[0].tolist() == [True] * 5 + [False] * 2 and m[2].all()
 
 
-# The real cache lives in generate.py (chapter 9); these check the model side of the protocol against it.
+# The cache is attention.py's KVCache (chapter 4); these check the model side of the protocol against it.
 @pytest.mark.parametrize("bias", [True, False])
 def test_kv_cache_chunks_match_full_pass(bias):
-    from nanogpt_plus.generate import KVCache
     torch.manual_seed(0)
     model = GPT(tiny_config(bias=bias)).eval()
     idx = torch.randint(50, (3, 24))
-    cache = KVCache(model.config, batch_size=3)
+    cache = model.new_kv_cache(batch_size=3)
     with torch.no_grad():
         full, _ = model(idx)
         pieces = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in [(0, 5), (5, 6), (6, 13), (13, 14), (14, 24)]]
@@ -120,3 +119,22 @@ def test_generate_wrapper_greedy_cache_parity(bias):
     assert plain.shape == (2, 35)
     assert torch.equal(plain, cached)
     assert model.training  # generation restores the mode it found
+
+
+def test_new_kv_cache_matches_the_model():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).to(torch.bfloat16)
+    cache = model.new_kv_cache(batch_size=2)
+    c = model.config
+    assert isinstance(cache, KVCache) and cache.pos == 0 and cache.max_len == c.context_size
+    assert len(cache.k) == len(cache.v) == c.n_layer
+    assert cache.k[0].shape == (2, c.n_head, c.context_size, c.n_embd // c.n_head)
+    assert cache.k[0].dtype == torch.bfloat16 and cache.k[0].device == model.tok_emb.weight.device
+
+
+def test_layer_norms_are_torch_layer_norms():
+    # nn.LayerNorm(n, bias=...) keeps the parameter names weight/bias that GPT-2 loading and checkpoints use
+    model = GPT(tiny_config(bias=False))
+    assert all(type(m) is torch.nn.LayerNorm for m in (model.ln_f, model.blocks[0].ln1, model.blocks[0].ln2))
+    assert "ln_f.weight" in dict(model.named_parameters()) and "ln_f.bias" not in dict(model.named_parameters())
+    assert "ln_f.bias" in dict(GPT(tiny_config(bias=True)).named_parameters())
