@@ -13,8 +13,9 @@ import tiktoken
 import tiktoken.load
 import torch
 
-from nanogpt_plus.bpe import (GPT2_SPLIT_PATTERN, BPETokenizer, apply_merges, gpt2_byte_chars, gpt2_merges,
-                              learn_merges, merge_pair, vocab_bytes)
+from nanogpt_plus.bpe import (ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer, apply_merges, check_text, gpt2_byte_chars,
+                              gpt2_merges, learn_merges, merge_pair, split_chunks, split_specials, train_merges,
+                              vocab_bytes)
 from nanogpt_plus.data import tiny_shakespeare
 from nanogpt_plus.tokenizer import CharTokenizer, GPT2Tokenizer
 
@@ -227,6 +228,17 @@ def test_a_pattern_that_skips_characters_is_refused():
     tok = BPETokenizer([], pattern=r"\p{L}+")
     assert tok.encode("ab") == [97, 98]
     with pytest.raises(ValueError, match="skips some characters"): tok.encode("a b")
+    with pytest.raises(ValueError, match="skips some characters"): BPETokenizer.train("a b", 300, pattern=r"\p{L}+")
+    with pytest.raises(ValueError, match="not a valid regular expression"): BPETokenizer([], pattern="(")
+
+
+def test_split_helpers(text):
+    assert "".join(split_chunks(text + STRESS)) == text + STRESS
+    assert split_specials("a<|endoftext|>b", [ENDOFTEXT]) == ["a", ENDOFTEXT, "b"]
+    assert split_specials("x<|a|>b<|a|>", ["<|a|>", "<|a|>b"]) == ["x", "<|a|>b", "", "<|a|>", ""]
+    assert split_specials("<|a|>", []) == ["<|a|>"]
+    assert check_text(STRESS) is STRESS
+    assert train_merges("ab<|endoftext|>ab", 258) == [(97, 98)]
 
 
 def test_gpt2_files():
