@@ -141,7 +141,7 @@ class LayerKVCache:
         vbuf[:, :, P:P + T] = v
         return kbuf[:, :, :P + T], vbuf[:, :, :P + T]  # (B, nh, P+T, hs) views, no copy
 
-
+# %% ../nbs/04_attention.ipynb #9198cacd
 class KVCache:
     "Preallocated keys and values for `n_layer` attention layers, filled position by position."
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_size: int, max_len: int,

@@ -20,8 +20,8 @@ from .tokenizer import _read_json, _write_json
 
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'ENDOFTEXT', 'GPT2_FILES', 'merge_pair', 'vocab_bytes', 'split_chunks', 'learn_merges',
-           'check_text', 'split_specials', 'train_merges', 'apply_merges', 'BPETokenizer', 'gpt2_byte_chars',
-           'gpt2_merges']
+           'check_text', 'split_specials', 'train_merges', 'apply_merges', 'BytePairCodec', 'BPETokenizer',
+           'gpt2_byte_chars', 'gpt2_merges']
 
 # %% ../nbs/02b_bpe.ipynb #9bef8eee
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
@@ -149,9 +149,8 @@ def apply_merges(ids: list[int], ranks: dict[tuple[int, int], int]) -> list[int]
     return ids
 
 # %% ../nbs/02b_bpe.ipynb #3fbd3e53
-class BPETokenizer:
-    "Byte-level BPE with the `CharTokenizer` interface: merge `i` makes token 256 + i, special tokens come last."
-    kind = "bpe"
+class BytePairCodec:
+    "Encode and decode with given byte-level merges: merge `i` makes token 256 + i, special tokens come last."
 
     def __init__(self, merges: Sequence[tuple[int, int]], special_tokens: Sequence[str] = (ENDOFTEXT,),
                  pattern: str = GPT2_SPLIT_PATTERN, byte_ids: Sequence[int] | None = None):
@@ -193,6 +192,13 @@ class BPETokenizer:
         "Text of a sequence of token ids; bytes that do not form valid UTF-8 show as U+FFFD, as in tiktoken."
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def __repr__(self): return f"{type(self).__name__}(vocab_size={self.vocab_size}, merges={len(self.merges)})"
+
+# %% ../nbs/02b_bpe.ipynb #9f82260a
+class BPETokenizer(BytePairCodec):
+    "Byte-level BPE with the `CharTokenizer` interface: learned from a text, or GPT-2's; saved as JSON."
+    kind = "bpe"
+
     @classmethod
     def train(cls, text: str, vocab_size: int, special_tokens: Sequence[str] = (ENDOFTEXT,),
               pattern: str = GPT2_SPLIT_PATTERN) -> BPETokenizer:
@@ -226,7 +232,7 @@ class BPETokenizer:
         return tiktoken.Encoding(f"bpe_{self.vocab_size}", pat_str=self.pattern, mergeable_ranks=ranks,
                                  special_tokens=dict(self.special_tokens), explicit_n_vocab=self.vocab_size)
 
-    def __repr__(self): return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"
+
 
 # %% ../nbs/02b_bpe.ipynb #fe780996
 GPT2_FILES = {  # OpenAI's original GPT-2 tokenizer files, where tiktoken downloads them, and their sha256

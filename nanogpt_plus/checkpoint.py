@@ -23,18 +23,19 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .bigram import BigramLanguageModel
+from .bpe import BPETokenizer
 from .data import atomic_write
 from .gpt import GPT, GPTConfig
-from .tokenizer import load_tokenizer
+from .tokenizer import CharTokenizer, GPT2Tokenizer, _read_json as _read_tokenizer_json
 
 try: import fcntl  # POSIX file locks; Windows has none, and runs there go unlocked
 except ImportError: fcntl = None
 
 # %% auto #0
-__all__ = ['MODEL_KINDS', 'MANIFEST', 'PENDING', 'CHECKPOINT_FILES', 'CheckpointError', 'model_kind', 'model_config',
-           'checked_config', 'build_model', 'CheckpointWriteError', 'commit', 'recover', 'DirectoryInUse', 'RunLock',
-           'memory_available', 'check_memory', 'save_checkpoint', 'estimate_params', 'verify', 'read_checkpoint_config',
-           'load_checkpoint', 'load_trainer_state']
+__all__ = ['MODEL_KINDS', 'TOKENIZERS', 'MANIFEST', 'PENDING', 'CHECKPOINT_FILES', 'CheckpointError', 'model_kind',
+           'model_config', 'checked_config', 'build_model', 'load_tokenizer', 'CheckpointWriteError', 'commit',
+           'recover', 'DirectoryInUse', 'RunLock', 'memory_available', 'check_memory', 'save_checkpoint',
+           'estimate_params', 'verify', 'read_checkpoint_config', 'load_checkpoint', 'load_trainer_state']
 
 # %% ../nbs/07b_checkpoints.ipynb #aed6b419
 class CheckpointError(ValueError):
@@ -83,6 +84,16 @@ def build_model(kind: str, config: dict) -> nn.Module:
     config = checked_config(kind, config)
     return BigramLanguageModel(config["vocab_size"]) if kind == "bigram" else GPT(config)
 
+
+TOKENIZERS = {cls.kind: cls for cls in (CharTokenizer, GPT2Tokenizer, BPETokenizer)}
+
+
+def load_tokenizer(path):
+    "Read a tokenizer of any kind the book makes (character, GPT-2's, or a byte-pair one of chapter 2b)."
+    kind = _read_tokenizer_json(path, "tokenizer")["type"]
+    if kind not in TOKENIZERS: raise ValueError(f"{path}: unknown tokenizer type {kind!r}; expected one of {sorted(TOKENIZERS)}")
+    return TOKENIZERS[kind].load(path)
+
 # %% ../nbs/07b_checkpoints.ipynb #e39abf7c
 MANIFEST, PENDING = "checkpoint.json", ".checkpoint.json.pending"
 
@@ -105,7 +116,7 @@ def _fsync(path: Path, directory: bool = False) -> None:
 
 def _staged(d: Path, name: str) -> Path: return d / f".{name}.new"
 
-
+# %% ../nbs/07b_checkpoints.ipynb #092a0a5e
 def commit(directory, writers: dict[str, Callable[[Path], None]], step: int | None = None) -> Path:
     "Write one checkpoint into `directory`: `writers[name](path)` writes file `name`; all files switch at once."
     d = Path(directory)
@@ -118,7 +129,8 @@ def commit(directory, writers: dict[str, Callable[[Path], None]], step: int | No
         except Exception as e:  # disk full, no permission, ...: drop what was staged, the old files stay as they were
             for n in writers: _staged(d, n).unlink(missing_ok=True)
             old = _read_manifest(d)
-            kept = f"the previous checkpoint (step {old['step']}) is intact" if old else "nothing was changed"
+            kept = ("nothing was changed" if old is None else "the previous checkpoint is intact" if old["step"] is None
+                    else f"the previous checkpoint (step {old['step']}) is intact")
             reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
             raise CheckpointWriteError(f"could not write {d / name} ({reason}); {kept}") from None
     files = {n: {"bytes": _staged(d, n).stat().st_size, "sha256": _sha256(_staged(d, n))} for n in writers}
@@ -262,7 +274,7 @@ def verify(directory, wait: float = 60.0) -> dict | None:
                                   "after it was saved; use another checkpoint or train again")
     return manifest
 
-
+# %% ../nbs/07b_checkpoints.ipynb #a0d0b3b3
 def read_checkpoint_config(directory, kind: str | None = None) -> dict:
     "The checked `config.json` of checkpoint `directory` (`CheckpointError` if it is not one, or not of `kind`)."
     d = Path(directory)

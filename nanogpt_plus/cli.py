@@ -27,8 +27,8 @@ from .gpt import GPT, OVERFLOW_MODES, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
 from .tokenizer import GPT2Tokenizer
 from .tokens import char_vocabulary, encode_file, load_tokens, prepare_tokens
-from .train import (DTYPES, TrainConfig, Trainer, evaluate, resolve_device, restore_trainer_state,
-                                standard_callbacks)
+from .train import (DTYPES, Checkpoint, TrainConfig, Trainer, evaluate, resolve_device,
+                                restore_trainer_state, standard_callbacks)
 
 # %% auto #0
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
@@ -270,13 +270,15 @@ def _resume(out: Path, args, given: dict):
         raise ValueError(f"the run in {out} has done its {state['step']} steps: pass a larger --max-iters to go on")
     return model, tokenizer, state, config
 
-
+# %% ../nbs/11_cli.ipynb #a20b5621
 def train_command(args) -> int:
     "Run `nanogpt-plus train` with parsed `args`; returns the exit status."
     _check_train_args(args)
     device = resolve_device(args.device or "auto")
     out = Path(args.out_dir) if args.out_dir else default_out_dir(args)
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f, None) is not None}
+    if args.resume and not (out / "config.json").exists():
+        raise FileNotFoundError(f"nothing to resume in {out}: it holds no checkpoint; train without --resume first")
     with RunLock(out):
         state = None
         if args.resume: model, tokenizer, state, config = _resume(out, args, given)
@@ -304,8 +306,10 @@ def train_command(args) -> int:
 
 def _finish(trainer: Trainer, out: Path, val_data) -> int:
     if trainer.stop_reason == "diverged":
-        raise ValueError(f"the training loss became infinite or NaN at step {trainer.step}, so the run stopped; the last "
-                         f"good checkpoint is in {out}: lower --learning-rate (or use --dtype bfloat16) and --resume")
+        saved = next(cb.saved for cb in trainer.callbacks if isinstance(cb, Checkpoint))  # its last save, or where it began
+        kept = (f"the last good checkpoint (step {saved}) is in {out}: lower --learning-rate and --resume" if saved else
+                "it had saved no checkpoint yet: start again with a lower --learning-rate (and --overwrite)")
+        raise ValueError(f"the training loss became infinite or NaN by step {trainer.step}, so the run stopped; {kept}")
     if trainer.stop_reason in STOP_STATUS:
         print(f"{trainer.stop_reason} at step {trainer.step}: checkpoint saved in {out}; continue with --resume",
               file=sys.stderr)
@@ -353,9 +357,9 @@ def add_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 # %% ../nbs/11_cli.ipynb #e96d9b6e
 def _check_generate_args(args) -> None:
+    if args.gpt2_config and args.model != "gpt": raise ValueError("--gpt2-config gives a GPT: use `generate gpt --gpt2-config ...`")
     if sum(x is not None for x in (args.checkpoint, args.gpt2_config, args.size)) > 1:
         raise ValueError("pass one of --checkpoint, --gpt2-config and --size: they name different models")
-    if args.gpt2_config and args.model != "gpt": raise ValueError("--gpt2-config gives a GPT: use `generate gpt --gpt2-config ...`")
     sizes = BIGRAM_SIZES if args.model == "bigram" else GPT_SIZES
     if args.size is not None and args.size not in sizes:
         raise ValueError(f"the {args.model} has no size {args.size!r}: use one of {', '.join(sizes)}")

@@ -20,7 +20,7 @@ from .bigram import crop_decoder, generate as sample_tokens  # chapter 3's sampl
 from .block import Block
 
 # %% auto #0
-__all__ = ['PRESETS', 'OVERFLOW_MODES', 'GPTConfig', 'GPT', 'CachedDecoder']
+__all__ = ['PRESETS', 'OVERFLOW_MODES', 'GPTConfig', 'init_gpt_weights', 'Generates', 'GPT', 'CachedDecoder']
 
 # %% ../nbs/06_gpt.ipynb #a898654d
 PRESETS = {
@@ -72,7 +72,50 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
 # %% ../nbs/06_gpt.ipynb #dfde2fba
-class GPT(nn.Module):
+def init_gpt_weights(model: nn.Module, n_layer: int) -> None:
+    "GPT-2's initialisation: N(0, 0.02) weights, zero biases, and N(0, 0.02 / sqrt(2 n_layer)) residual projections."
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None: nn.init.zeros_(module.bias)
+    for name, p in model.named_parameters():  # the layers that write into the residual stream
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+
+def _check_forward_args(idx, targets, past: int, context_size: int, last_only: bool) -> None:
+    if idx.dim() != 2: raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+    T = idx.size(1)
+    if T < 1: raise ValueError("idx is empty: give the model at least one token")
+    if past + T > context_size:
+        cached = f" after {past} cached positions" if past else ""
+        raise ValueError(f"{T} tokens{cached} exceed the context size {context_size}: "
+                         f"crop the input to its last {context_size - past} tokens")
+    if targets is not None and targets.shape != idx.shape:
+        raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+    if targets is not None and last_only: raise ValueError("last_only=True gives no loss: pass targets=None")
+
+# %% ../nbs/06_gpt.ipynb #e3b4cd26
+class Generates:
+    "Generation for a model with a `config`: a decoder for chapter 3's `stream`, with or without a key-value cache."
+    def new_kv_cache(self, batch_size: int) -> KVCache:
+        "An empty `KVCache` for this model's layers and context, on its device and in its dtype."
+        c, w = self.config, self.tok_emb.weight  # (B, nh, context, hs) buffers per layer
+        return KVCache(c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head, c.context_size, w.device, w.dtype)
+
+    def decoder(self, batch_size: int, use_kv_cache: bool = False, overflow: str = "exact"):
+        "Next-token logits for chapter 3's `stream`: `crop_decoder`, or a `CachedDecoder` with `use_kv_cache`."
+        if overflow not in OVERFLOW_MODES: raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+        return CachedDecoder(self, batch_size, overflow) if use_kv_cache else crop_decoder(self)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_kv_cache: bool = False,
+                 overflow: str = "exact") -> torch.Tensor:
+        "Continue `idx` `(B, T)` by `max_new_tokens` sampled tokens: `(B, T + max_new_tokens)`."
+        return sample_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                             use_kv_cache=use_kv_cache, overflow=overflow)
+
+# %% ../nbs/06_gpt.ipynb #29d7e647
+class GPT(Generates, nn.Module):
     "A GPT-2 style decoder-only transformer language model."
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -84,20 +127,10 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix in and out
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # the layers that write into the residual stream
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None: nn.init.zeros_(module.bias)
+        init_gpt_weights(self, c.n_layer)
 
     @property
-    def context_size(self) -> int:
-        "The most tokens the model can look at."
-        return self.config.context_size
+    def context_size(self) -> int: return self.config.context_size  # the most tokens the model can look at
 
     def num_params(self, non_embedding: bool = False) -> int:
         "Number of parameters, the tied embedding/output matrix once; `non_embedding` leaves out both embeddings."
@@ -105,20 +138,18 @@ class GPT(nn.Module):
         if non_embedding: n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
         return n
 
+    def flops_per_token(self, context_size: int | None = None) -> int:
+        "Training FLOPs per token: 6 per parameter in a matmul (forward 2, backward 4), plus attention's 12 L C T."
+        lookups = {id(self.pos_emb.weight)}  # a table read, not a matmul; the tied tok_emb *is* the output matmul
+        matmul = sum(p.numel() for p in self.parameters() if p.dim() == 2 and id(p) not in lookups)
+        return 6 * matmul + 12 * self.config.n_layer * self.config.n_embd * (context_size or self.context_size)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
                 last_only: bool = False):
         "Logits `(B, T, V)` (`(B, 1, V)` with `last_only`) and, given `targets` `(B, T)`, the mean cross-entropy."
-        if idx.dim() != 2: raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
-        B, T = idx.shape
         past = 0 if kv_cache is None else kv_cache.pos
-        if T < 1: raise ValueError("idx is empty: give the model at least one token")
-        if past + T > self.context_size:
-            cached = f" after {past} cached positions" if past else ""
-            raise ValueError(f"{T} tokens{cached} exceed the context size {self.context_size}: "
-                             f"crop the input to its last {self.context_size - past} tokens")
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        if targets is not None and last_only: raise ValueError("last_only=True gives no loss: pass targets=None")
+        _check_forward_args(idx, targets, past, self.context_size, last_only)
+        T = idx.size(1)
         pos = torch.arange(past, past + T, device=idx.device)  # (T,) absolute positions
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C) + (T, C) -> (B, T, C)
         for i, block in enumerate(self.blocks):
@@ -129,24 +160,6 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T or 1, V)
         if targets is None: return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # (B*T, V) against (B*T,)
-
-    def new_kv_cache(self, batch_size: int) -> KVCache:
-        "An empty `KVCache` for this model's layers and context, on its device and in its dtype."
-        c, w = self.config, self.tok_emb.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head, c.context_size, w.device, w.dtype)
-
-    def decoder(self, batch_size: int, use_kv_cache: bool = False, overflow: str = "exact"):
-        "Next-token logits for chapter 3's `stream`: `crop_decoder`, or a `CachedDecoder` with `use_kv_cache`."
-        if overflow not in OVERFLOW_MODES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
-        return CachedDecoder(self, batch_size, overflow) if use_kv_cache else crop_decoder(self)
-
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, use_kv_cache: bool = False,
-                 overflow: str = "exact") -> torch.Tensor:
-        "Continue `idx` `(B, T)` by `max_new_tokens` sampled tokens: `(B, T + max_new_tokens)`."
-        return sample_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, generator,
-                             use_kv_cache=use_kv_cache, overflow=overflow)
 
 # %% ../nbs/06_gpt.ipynb #3fe9fb06
 OVERFLOW_MODES = ("exact", "half")  # what a CachedDecoder does once the context window is full

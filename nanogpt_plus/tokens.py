@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .checkpoint import commit, verify
+from .checkpoint import commit, load_tokenizer, verify
 from .data import check_data_file
-from .tokenizer import CharTokenizer, load_tokenizer
+from .tokenizer import CharTokenizer
 
 # %% auto #0
 __all__ = ['read_chunks', 'char_vocabulary', 'token_dtype', 'encode_file', 'prepare_tokens', 'load_tokens']

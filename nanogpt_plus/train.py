@@ -30,10 +30,10 @@ from .data import atomic_write, get_batch
 from .optim import lr_at, make_optimizer, set_lr
 
 # %% auto #0
-__all__ = ['DTYPES', 'resolve_device', 'cpu_has_fast_bf16', 'resolve_dtype', 'autocast', 'TrainConfig', 'Callback', 'Trainer',
-           'check_windows', 'estimate_loss', 'Evaluate', 'LogLoss', 'read_metrics', 'MetricsFile', 'plot_losses',
-           'save_loss_plot', 'ProgressBar', 'data_fingerprint', 'trainer_state', 'restore_trainer_state', 'Checkpoint',
-           'StopOnSignal', 'standard_callbacks', 'evaluate']
+__all__ = ['DTYPES', 'resolve_device', 'cpu_has_fast_bf16', 'resolve_dtype', 'autocast', 'TrainConfig', 'Callback',
+           'clipped_step', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate', 'LogLoss', 'read_metrics',
+           'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint', 'trainer_state',
+           'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'standard_callbacks', 'evaluate']
 
 # %% ../nbs/08_training.ipynb #bd6a83bb
 def resolve_device(name: str = "auto") -> torch.device:
@@ -128,13 +128,23 @@ class Callback:
     def load_state_dict(self, state: dict) -> None: pass
 
 # %% ../nbs/08_training.ipynb #527fd4b3
+def clipped_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters, max_norm: float) -> None:
+    "Clip the accumulated gradient to `max_norm` (0: no clipping), take the optimizer step, clear the gradients."
+    if max_norm > 0:
+        scaler.unscale_(optimizer)  # clip the true gradient, not the float16-scaled one
+        nn.utils.clip_grad_norm_(parameters, max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+# %% ../nbs/08_training.ipynb #c5475234
 class Trainer:
     "Train `model` on 1-D token sequences `train_data`/`val_data`; `callbacks` add evaluation, checkpoints, ..."
     def __init__(self, model: nn.Module, train_data, val_data, config: TrainConfig,
                  device: str | torch.device = "cpu", callbacks: list[Callback] | None = None):
+        check_windows(model, train_data, val_data, config.context_size)
         self.config, self.train_data, self.val_data = config, train_data, val_data
         self.callbacks = sorted(callbacks or [], key=lambda cb: cb.order)
-        check_windows(model, train_data, val_data, config.context_size)
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         matmuls = any(isinstance(m, nn.Linear) for m in model.modules())  # autocast speeds up matmuls, nothing else
         self.dtype = resolve_dtype("float32" if config.dtype == "auto" and not matmuls else config.dtype, self.device)
@@ -145,6 +155,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.batch_rng = torch.Generator().manual_seed(config.seed)
         self.step, self.tokens_seen, self.train_time, self.metrics, self.stop_reason = 0, 0, 0.0, [], None
+        self.flops, self.flops_per_token = 0, getattr(model, "flops_per_token", lambda T: 0)(config.context_size)
 
     def train_step(self) -> float:
         "One optimizer step; returns its loss (the mean over all micro-batches)."
@@ -156,14 +167,10 @@ class Trainer:
             loss = loss / cfg.grad_accum_steps  # mean over the big batch, not a sum of means
             self.scaler.scale(loss).backward()  # .grad accumulates across micro-batches
             total += loss.item()
-        if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the float16-scaled one
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        clipped_step(self.optimizer, self.scaler, self.model.parameters(), cfg.grad_clip)
         self.step += 1
-        self.tokens_seen += cfg.grad_accum_steps * cfg.batch_size * cfg.context_size
+        tokens = cfg.grad_accum_steps * cfg.batch_size * cfg.context_size
+        self.tokens_seen, self.flops = self.tokens_seen + tokens, self.flops + self.flops_per_token * tokens
         return total
 
     def fit(self, max_iters: int | None = None) -> Trainer:
@@ -230,7 +237,7 @@ class Evaluate(Callback):
     def evaluate(self, t: Trainer) -> None:
         losses = estimate_loss(t, self.iters)
         t.log({"step": t.step, "train_loss": losses["train"], "val_loss": losses["val"],
-               "lr": t.config.lr(max(t.step - 1, 0)), "time_s": round(t.train_time, 3)})
+               "lr": t.config.lr(max(t.step - 1, 0)), "time_s": round(t.train_time, 3), "flops": t.flops})
 
 # %% ../nbs/08_training.ipynb #c6bb50e6
 class LogLoss(Callback):
@@ -246,7 +253,7 @@ class LogLoss(Callback):
         seconds = t.train_time - self.time0
         t.log({"step": t.step, "loss": sum(self.losses) / len(self.losses), "lr": t.config.lr(t.step - 1),
                "tokens_per_s": round((t.tokens_seen - self.tokens0) / max(seconds, 1e-9), 1),
-               "time_s": round(t.train_time, 3)})
+               "time_s": round(t.train_time, 3), "flops": t.flops})
         self.losses, self.time0, self.tokens0 = [], t.train_time, t.tokens_seen
 
 # %% ../nbs/08_training.ipynb #88746d59
@@ -344,7 +351,8 @@ def trainer_state(t: Trainer) -> dict:
     return {"step": t.step, "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
             "batch_rng": t.batch_rng.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if t.device.type == "cuda" else [],
-            "tokens_seen": t.tokens_seen, "train_time": t.train_time, "config": dataclasses.asdict(t.config),
+            "tokens_seen": t.tokens_seen, "train_time": t.train_time, "flops": t.flops,
+            "config": dataclasses.asdict(t.config),
             "data_tokens": len(t.train_data) + len(t.val_data), "data_sha256": t.data_sha256,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in t.callbacks}}
 
@@ -366,6 +374,7 @@ def restore_trainer_state(t: Trainer, state: dict) -> None:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and t.device.type == "cuda": torch.cuda.set_rng_state_all(state["cuda_rng"])
     t.step, t.tokens_seen, t.train_time = state["step"], state["tokens_seen"], state["train_time"]
+    t.flops = state.get("flops", t.flops_per_token * t.tokens_seen)  # older states did not count them
     saved = state.get("callbacks", {"Checkpoint": {"best_val": state.get("best_val", math.inf)}})  # older states
     for cb in t.callbacks:
         if type(cb).__name__ in saved: cb.load_state_dict(saved[type(cb).__name__])
@@ -384,10 +393,13 @@ class Checkpoint(Callback):
 
     def on_log(self, t: Trainer, record: dict) -> None:
         if "val_loss" not in record or t.step == self.saved: return
-        if record["val_loss"] < self.best_val:  # NaN never is
+        if not (math.isfinite(record["val_loss"]) and all(p.isfinite().all() for p in t.model.parameters())):
+            t.stop_reason = "diverged"  # weights that overflowed are not worth a checkpoint: keep the last good one
+            return
+        self.save(t)  # the resumable checkpoint first: if the disk fills up, it is the one that matters
+        if record["val_loss"] < self.best_val:
             self.best_val = record["val_loss"]
             save_checkpoint(self.out_dir / "best", t.model, self.tokenizer)
-        self.save(t)
 
     def after_fit(self, t: Trainer) -> None:
         try:

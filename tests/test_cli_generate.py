@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from nanogpt_plus import train
 from nanogpt_plus.bigram import BigramLanguageModel
+from nanogpt_plus.checkpoint import save_checkpoint
 from nanogpt_plus.cli import main
 from nanogpt_plus.gpt import GPT, GPTConfig
 from nanogpt_plus.tokenizer import CharTokenizer
@@ -22,14 +22,14 @@ def ckpts(tmp_path_factory):
     tok = CharTokenizer(CORPUS)
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, context_size=16, n_layer=2, n_head=2, n_embd=16))
-    train.save_checkpoint(root / "gpt", gpt, tok)
-    train.save_checkpoint(root / "bigram", BigramLanguageModel(tok.vocab_size), tok)
+    save_checkpoint(root / "gpt", gpt, tok)
+    save_checkpoint(root / "bigram", BigramLanguageModel(tok.vocab_size), tok)
     return root
 
 
 def run(*args, cwd=None):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "nanogpt_plus.cli", "generate", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "nanogpt_plus", "generate", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
@@ -71,16 +71,18 @@ def test_bigram_and_default_size_directory(ckpts, tmp_path):
     (("gpt", "--temperature", -1), "--temperature"),
     (("gpt", "--top-k", 0), "--top-k"),
     (("gpt", "--top-p", 1.5), "--top-p"),
-    (("gpt", "--max-new-tokens", 0), "--max-new-tokens"),
-    (("gpt", "--num-samples", 0), "--num-samples"),
     (("bigram", "--use-kv-cache"), "--use-kv-cache"),
     (("bigram", "--gpt2-config", "gpt2"), "generate gpt"),
     (("gpt", "--checkpoint", "{bigram}"), "bigram"),  # a checkpoint of the other kind
+    (("gpt", "--size", "small", "--gpt2-config", "gpt2"), "pass one of"),  # nanoGPTplus refused this too
+    (("gpt", "--checkpoint", "{bigram}", "--gpt2-config", "gpt2"), "pass one of"),
+    (("gpt", "--size", "huge"), "has no size 'huge'"),
+    (("bigram", "--size", "small"), "has no size 'small'"),
 ])
 def test_bad_input_is_exit_2(ckpts, args, msg, capsys):
     "In process, through `cli.main` (the subprocess tests below check the process boundary)."
     args = [str(a).format(bigram=ckpts / "bigram") for a in args]
-    if "--checkpoint" not in args:
+    if not {"--checkpoint", "--size"} & set(args):
         args += ["--checkpoint", str(ckpts / args[0])]
     assert main(["generate", *args]) == 2
     err = capsys.readouterr().err
@@ -119,3 +121,16 @@ def test_prompt_longer_than_the_context_is_cropped_with_a_note(ckpts, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith(prompt) and len(captured.out) == 30 + 5 + 1
     assert "note: the prompt has 30 tokens; the model sees only the last 16" in captured.err
+
+
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--num-samples"])
+def test_counts_below_one_are_refused_by_the_parser(ckpts, flag, capsys):
+    with pytest.raises(SystemExit) as e: main(["generate", "gpt", "--checkpoint", str(ckpts / "gpt"), flag, "0"])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_the_bigram_size_of_nanogptplus(ckpts, tmp_path):
+    "`generate bigram --size large` reads the default bigram directory, as nanoGPTplus's command did."
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "bigram").symlink_to(ckpts / "bigram")
+    assert len(ok("bigram", "--size", "large", "--max-new-tokens", 7, "--seed", 0, cwd=tmp_path)) == 8

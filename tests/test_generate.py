@@ -420,44 +420,6 @@ def test_text_stream_work_is_linear(bpe, tokenizer):
     assert out == base.decode(ids)
 
 
-# ---------------------------------------------------------------- the import rule
-
-
-def _chapter(path: Path) -> int:
-    m = re.search(r"File to edit: \.\./nbs/(\d+)_", path.read_text())
-    assert m, f"{path.name} names no notebook"
-    return int(m.group(1))
-
-
-def _package_imports(tree):
-    "(node, module name) of every import of a nanogpt_plus module in `tree`."
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("nanogpt_plus")):
-            base = node.module.removeprefix("nanogpt_plus").lstrip(".") if node.module else ""
-            names = [base] if base else [a.name for a in node.names]
-            for name in names: yield node, name.split(".")[0]
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.startswith("nanogpt_plus."): yield node, a.name.split(".")[1]
-
-
-MODULES = sorted(p for p in Path(nanogpt_plus.__file__).parent.glob("*.py") if not p.name.startswith("_"))
-
-
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.stem)
-def test_imports_run_one_way(path):
-    # A chapter's module imports modules of earlier chapters (or its own) only, at module level; the command line
-    # (the last chapter) may import anything, but also at module level only.
-    tree = ast.parse(path.read_text())
-    top = {id(n) for n in tree.body}
-    chapters = {p.stem: _chapter(p) for p in MODULES}
-    for node, name in _package_imports(tree):
-        where = f"{path.name}:{node.lineno} imports {name}"
-        assert id(node) in top, f"{where} inside a function or class: import at module level"
-        if name in chapters and path.stem != "cli":
-            assert chapters[name] <= chapters[path.stem], f"{where}, a later chapter"
-
-
 # ---------------------------------------------------------------- decode layout
 
 

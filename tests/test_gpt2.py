@@ -2,6 +2,7 @@
 
 No test needs the network: models are random `transformers` GPT-2s saved with `save_pretrained` into temp dirs.
 """
+import json
 import os
 import subprocess
 import sys
@@ -254,6 +255,27 @@ def test_cli_offline_error(tmp_path):
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("error: GPT-2 'gpt2' is not in the Hugging Face cache")
     assert "model.safetensors" in r.stderr
+
+
+def test_offline_without_hf_hub_offline_fails_at_once(tmp_path):
+    "No network and HF_HUB_OFFLINE unset: one quick check of the host, no retries, and the advice to set it."
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_HOME": str(tmp_path),
+                                                                        "HF_ENDPOINT": "https://hub.invalid"}
+    r = subprocess.run([sys.executable, "-m", "nanogpt_plus", "generate", "gpt", "--gpt2-config", "gpt2"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "hub.invalid cannot be reached" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr and "--gpt2-config DIR" in r.stderr
+    assert "Retrying" not in r.stderr  # the hub client's retries (half a minute offline) never started
+
+
+def test_an_absurd_config_is_refused_before_allocating(tmp_path):
+    "A local GPT-2 directory whose config.json asks for a million layers: refused by the memory check, at once."
+    import resource
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024,
+                                                      "n_embd": 768, "n_layer": 1_000_000, "n_head": 12}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(MemoryError, match="needs at least"): load_gpt2(tmp_path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing big was allocated
 
 
 def test_cli_bad_directory(tmp_path):

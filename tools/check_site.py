@@ -310,7 +310,7 @@ def check_site(site: Path, pages: dict, browser: str, screenshots: Path | None =
                 for text, href in info["sidebar"]:
                     target = (href or "").split("#")[0].split("/")[-1]
                     # "4. Attention" or "9. Generation" for "Generation: sampling and ...": the title or its start
-                    shown = plain(re.sub(r"^\d+\.\s+", "", text))
+                    shown = plain(re.sub(r"^\d+[a-z]?\.\s+", "", text))
                     title = titles.get(target) if target != "index.html" else None  # "Start here" is fine
                     if title and not (shown and plain(title).startswith(shown)):
                         page_problems.append(f"sidebar names {target} {text!r}, its title is {titles[target]!r}")
@@ -335,7 +335,7 @@ def check_site(site: Path, pages: dict, browser: str, screenshots: Path | None =
         finally:
             chrome.close()
     # Quarto names a chapter's page without its number (01_eda.ipynb -> eda.html); smalldocs keeps it.
-    published = {re.sub(r"^\d+_", "", html): html for html in ids}
+    published = {re.sub(r"^\d+[a-zA-Z0-9]*_", "", html): html for html in ids}  # as nbdev names pages
     for link, source in sorted(doc_links.items() if not only else ()):
         page, _, anchor = link.partition("#")
         html = published.get(page or "index.html")

@@ -13,7 +13,7 @@ NOTE = "<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the no
 def cell_markdown(cell) -> str:
     src = "".join(cell["source"])
     if cell["cell_type"] == "markdown":
-        return re.sub(r"\]\((\d\d_\w+\.ipynb)\)", r"](nbs/\1)", src)  # chapter links point into nbs/
+        return re.sub(r"\]\((\d\d[a-z]?_\w+\.ipynb)\)", r"](nbs/\1)", src)  # chapter links point into nbs/
     if cell["cell_type"] != "code" or src.lstrip().startswith("#| hide"): return ""
     code = "\n".join(l for l in src.splitlines() if not l.startswith("#|"))
     outs = [("".join(o["text"]) if "text" in o else "".join(o.get("data", {}).get("text/plain", "")))
