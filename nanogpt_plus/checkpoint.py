@@ -25,6 +25,7 @@ from torch import nn
 from .bigram import BigramLanguageModel
 from .bpe import BPETokenizer
 from .data import atomic_write
+from .device import check_memory
 from .gpt import GPT, GPTConfig
 from .tokenizer import CharTokenizer, GPT2Tokenizer, _read_json as _read_tokenizer_json
 
@@ -34,8 +35,8 @@ except ImportError: fcntl = None
 # %% auto #0
 __all__ = ['MODEL_KINDS', 'TOKENIZERS', 'MANIFEST', 'PENDING', 'CHECKPOINT_FILES', 'CheckpointError', 'model_kind',
            'model_config', 'checked_config', 'build_model', 'load_tokenizer', 'CheckpointWriteError', 'commit',
-           'recover', 'DirectoryInUse', 'RunLock', 'memory_available', 'check_memory', 'save_checkpoint',
-           'estimate_params', 'verify', 'read_checkpoint_config', 'load_checkpoint', 'load_trainer_state']
+           'recover', 'DirectoryInUse', 'RunLock', 'save_checkpoint', 'estimate_params', 'verify',
+           'read_checkpoint_config', 'load_checkpoint', 'load_trainer_state']
 
 # %% ../nbs/07b_checkpoints.ipynb #aed6b419
 class CheckpointError(ValueError):
@@ -200,25 +201,6 @@ class RunLock:
         if held[1] == 0:
             del _HELD[self.directory]
             if held[0] is not None: os.close(held[0])  # closing the descriptor releases the flock
-
-# %% ../nbs/07b_checkpoints.ipynb #6c6af3e4
-def memory_available(device: torch.device) -> int:
-    "Bytes free for new tensors on `device`: free GPU memory, or the RAM the system can give a new program."
-    if device.type == "cuda": return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"): return int(line.split()[1]) * 1024
-    except OSError: pass  # not Linux
-    try: return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError): return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_memory(needed: int, device: torch.device, what: str) -> None:
-    "Refuse (`MemoryError`) when `needed` bytes exceed what `device` has free; `what` says what needs them."
-    free = memory_available(device)
-    if needed > free:
-        raise MemoryError(f"{what} needs at least {needed / 2**30:,.1f} GiB, but {device.type} has only "
-                          f"{free / 2**30:,.1f} GiB free: choose a smaller model or batch")
 
 # %% ../nbs/07b_checkpoints.ipynb #550acb5d
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")

@@ -20,15 +20,16 @@ import torch
 
 from . import __version__
 from .bigram import BigramLanguageModel, check_sampling_args, generate, stream
-from .checkpoint import RunLock, check_memory, estimate_params, load_checkpoint, load_trainer_state
+from .checkpoint import RunLock, estimate_params, load_checkpoint, load_trainer_state
+from .device import DTYPES, check_memory, resolve_device
 from .data import atomic_write, nanogpt_plus_home, tiny_shakespeare, train_val_split
 from .generate import TextStream, to_decode_layout
 from .gpt import GPT, OVERFLOW_MODES, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
 from .tokenizer import GPT2Tokenizer
 from .tokens import char_vocabulary, encode_file, load_tokens, prepare_tokens
-from .train import (DTYPES, Checkpoint, TrainConfig, Trainer, evaluate, resolve_device,
-                                restore_trainer_state, standard_callbacks)
+from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_state,
+                                standard_callbacks)
 
 # %% auto #0
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',

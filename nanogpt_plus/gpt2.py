@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_memory, estimate_params
-from .gpt import GPT, GPTConfig
+from .checkpoint import estimate_params
+from .device import check_memory
+from .gpt import GPT, PRESETS, GPTConfig
 from .tokenizer import GPT2Tokenizer
 
 # %% auto #0
@@ -208,7 +209,7 @@ def load_gpt2_weights(model: GPT, directory, device="cpu", dtype=None) -> GPT:
     return model
 
 # %% ../nbs/10_gpt2.ipynb #43b5a9e2
-GPT2_HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+GPT2_HUB_REPOS = {name: f"openai-community/{name}" for name in PRESETS if name.startswith("gpt2")}  # the four sizes
 
 
 def _hub_dir(name: str) -> Path:

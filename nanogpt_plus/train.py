@@ -7,7 +7,6 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/training.html.md"""
 # %% ../nbs/08_training.ipynb #0d13fafc
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,57 +26,13 @@ from torch import nn
 from .checkpoint import (CheckpointError, RunLock, load_checkpoint, load_trainer_state, recover,
                                      save_checkpoint)  # load_* are re-exported: train.load_checkpoint is the book's name
 from .data import atomic_write, get_batch
+from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .optim import lr_at, make_optimizer, set_lr
 
 # %% auto #0
-__all__ = ['DTYPES', 'resolve_device', 'cpu_has_fast_bf16', 'resolve_dtype', 'autocast', 'TrainConfig', 'Callback',
-           'clipped_step', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate', 'LogLoss', 'read_metrics',
-           'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint', 'trainer_state',
-           'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'standard_callbacks', 'evaluate']
-
-# %% ../nbs/08_training.ipynb #bd6a83bb
-def resolve_device(name: str = "auto") -> torch.device:
-    "The `torch.device` for `name` (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`); `ValueError` if unknown or absent."
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available(): return torch.device("cuda")
-        if torch.backends.mps.is_available(): return torch.device("mps")
-        return torch.device("cpu")
-    try: device = torch.device(name)
-    except RuntimeError: device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda":
-        if not torch.cuda.is_available(): raise ValueError(f"device {name!r}: CUDA is not available on this machine")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: Apple's MPS backend is not available on this machine")
-    return device
-
-# %% ../nbs/08_training.ipynb #dec177ed
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_has_fast_bf16() -> bool:
-    "Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    "The autocast dtype for `name` (`auto` or a key of `DTYPES`) on `device`."
-    if name != "auto":
-        if name not in DTYPES: raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
-        return DTYPES[name]
-    if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16(): return torch.bfloat16
-    return torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    "A context that runs matmuls in `dtype` (no-op for float32)."
-    if dtype == torch.float32: return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+__all__ = ['TrainConfig', 'Callback', 'clipped_step', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate', 'LogLoss',
+           'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint',
+           'trainer_state', 'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'standard_callbacks', 'evaluate']
 
 # %% ../nbs/08_training.ipynb #5c90c41c
 @dataclass

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from nanogpt_plus import train
+from nanogpt_plus import device, train
 from nanogpt_plus.bigram import BigramLanguageModel
 from nanogpt_plus.checkpoint import load_checkpoint, load_trainer_state
 from nanogpt_plus.gpt import GPT, GPTConfig
@@ -190,7 +190,7 @@ def test_devices_and_dtypes():
         with pytest.raises(ValueError, match="not available"): train.resolve_device("cuda:0")
     cpu = torch.device("cpu")
     assert train.resolve_dtype("float32", cpu) == torch.float32
-    expected = torch.bfloat16 if train.cpu_has_fast_bf16() else torch.float32
+    expected = torch.bfloat16 if device.cpu_has_fast_bf16() else torch.float32
     assert train.resolve_dtype("auto", cpu) == expected
     assert train.Trainer(bigram(), TRAIN, VAL, cfg(dtype="auto")).dtype == torch.float32  # no matmuls to speed up
 
