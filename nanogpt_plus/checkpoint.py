@@ -196,7 +196,8 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        held = _HELD[self.directory]
+        held = _HELD.get(self.directory)
+        if held is None: return  # not held: releasing twice must never close someone else's descriptor
         held[1] -= 1
         if held[1] == 0:
             del _HELD[self.directory]

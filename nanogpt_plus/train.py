@@ -228,7 +228,7 @@ def read_metrics(path, upto: int | None = None) -> list[dict]:
 class MetricsFile(Callback):
     "Append every record to `out_dir/metrics.jsonl`; redraw `out_dir/loss.png` after each evaluation."
     order = 10  # ready before anything is logged, and records each evaluation before it is checkpointed
-    def __init__(self, out_dir): self.path = Path(out_dir) / "metrics.jsonl"
+    def __init__(self, out_dir): self.path, self.lock = Path(out_dir) / "metrics.jsonl", None
 
     def before_fit(self, t: Trainer) -> None:
         self.lock = RunLock(self.path.parent).__enter__()
@@ -245,7 +245,8 @@ class MetricsFile(Callback):
         finally: os.close(fd)
         if "val_loss" in record: save_loss_plot(t.metrics, self.path.parent / "loss.png")
 
-    def after_fit(self, t: Trainer) -> None: self.lock.__exit__(None, None, None)
+    def after_fit(self, t: Trainer) -> None:
+        if self.lock: self.lock = self.lock.__exit__(None, None, None)  # released once, even if fit failed early
 
 # %% ../nbs/08_training.ipynb #27388bfd
 def plot_losses(metrics: list[dict], ax, title: str = "Training loss") -> None:
@@ -339,7 +340,7 @@ class Checkpoint(Callback):
     "After each evaluation, commit the latest checkpoint to `out_dir` and the best one to `out_dir/best`."
     order = 20
     def __init__(self, out_dir, tokenizer):
-        self.out_dir, self.tokenizer, self.best_val, self.saved = Path(out_dir), tokenizer, math.inf, None
+        self.out_dir, self.tokenizer, self.best_val, self.saved, self.lock = Path(out_dir), tokenizer, math.inf, None, None
 
     def before_fit(self, t: Trainer) -> None:
         self.lock = RunLock(self.out_dir).__enter__()
@@ -359,7 +360,8 @@ class Checkpoint(Callback):
     def after_fit(self, t: Trainer) -> None:
         try:
             if t.stop_reason in ("interrupted", "terminated") and t.step != self.saved: self.save(t)
-        finally: self.lock.__exit__(None, None, None)
+        finally:
+            if self.lock: self.lock = self.lock.__exit__(None, None, None)  # released once, even if fit failed early
 
     def save(self, t: Trainer) -> None:
         save_checkpoint(self.out_dir, t.model, self.tokenizer, trainer_state(t))
