@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['causal_mask', 'Head', 'MultiHeadAttention', 'CausalSelfAttention', 'LayerKVCache', 'KVCache']
+__all__ = ['causal_mask', 'Head', 'MultiHeadAttention', 'CausalSelfAttention', 'LayerKVCache', 'KVCache', 'Rotary', 'QKNorm']
 
 # %% ../nbs/04_attention.ipynb #1573da5b
 def causal_mask(T: int, past: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -87,13 +87,17 @@ def _explicit_causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
 
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention with one `qkv` projection and a fused attention kernel."
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, *, rope: bool = False,
+                 qk_norm: bool = False):
         super().__init__()
         _check_attention_sizes(n_embd, n_head, dropout)
         self.n_embd, self.n_head, self.dropout = n_embd, n_head, dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # queries, then keys, then values
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
+        # chapter 12's options, both off in GPT-2: normalised queries and keys, rotary position embeddings
+        self.qk_norm = QKNorm(n_embd // n_head) if qk_norm else None
+        self.rotary = Rotary(n_embd // n_head) if rope else None
 
     def extra_repr(self) -> str: return f"n_head={self.n_head}, dropout={self.dropout}"
 
@@ -105,9 +109,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        past = 0 if cache is None else cache.past_len  # positions already in the cache
+        if self.qk_norm is not None: q, k = self.qk_norm(q, k)  # chapter 12
+        if self.rotary is not None: q, k = self.rotary(q, k, past)  # chapter 12: turned at their positions
         mask, is_causal = None, True
         if cache is not None:
-            past = cache.past_len
             k, v = cache.update(k, v)  # (B, nh, past + T, hs): the stored positions and the new ones
             if past > 0:  # queries sit at past..past+T-1: the top-left triangle of is_causal would be wrong
                 is_causal = False
@@ -179,3 +185,43 @@ class KVCache:
     def __repr__(self):
         B, nh, L, hs = self.k[0].shape
         return f"KVCache(layers={len(self.k)}, B={B}, nh={nh}, max_len={L}, hs={hs}, pos={self.pos})"
+
+# %% ../nbs/12_modern_gpt.ipynb #c83735bf
+class Rotary(nn.Module):
+    "Rotary position embeddings: turn each channel pair `(i, i + hs/2)` of queries and keys by `position * freq_i`."
+    def __init__(self, head_size: int, base: float = 10_000.0):
+        super().__init__()
+        if head_size < 2 or head_size % 2:
+            raise ValueError(f"rotary embeddings turn pairs of channels, so the head size must be even, got {head_size}")
+        self.head_size, self.base = head_size, base
+
+    def extra_repr(self) -> str: return f"head_size={self.head_size}, base={self.base:g}"
+
+    def angles(self, past: int, T: int, device=None) -> torch.Tensor:
+        "Angles `(T, hs/2)` of positions `past .. past+T-1`: the position times each pair's frequency."
+        half = self.head_size // 2
+        freqs = self.base ** -(torch.arange(half, device=device, dtype=torch.float32) / half)  # (hs/2,): 1 .. ~1/base
+        pos = torch.arange(past, past + T, device=device, dtype=torch.float32)  # (T,)
+        return pos[:, None] * freqs  # (T, 1) * (hs/2,) -> (T, hs/2)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        "Turn each pair of channels of `x` `(B, nh, T, hs)` by the angles whose cosines and sines are `(T, hs/2)`."
+        x1, x2 = x.chunk(2, dim=-1)  # the pairs' first and second channels, (B, nh, T, hs/2) each
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, past: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        "Queries and keys `(B, nh, T, hs)` at positions `past .. past+T-1`, turned."
+        a = self.angles(past, q.size(-2), q.device)
+        cos, sin = a.cos().to(q.dtype), a.sin().to(q.dtype)
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+
+# %% ../nbs/12_modern_gpt.ipynb #f4cddd8f
+class QKNorm(nn.Module):
+    "RMS-normalise each head's queries and keys, each with a learned gain per channel."
+    def __init__(self, head_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.q, self.k = nn.RMSNorm(head_size, eps=eps), nn.RMSNorm(head_size, eps=eps)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Queries and keys `(B, nh, T, hs)`, normalised over `hs`."
+        return self.q(q.float()).to(q.dtype), self.k(k.float()).to(k.dtype)

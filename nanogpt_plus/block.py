@@ -7,40 +7,84 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/transformer_block.html.md"""
 # %% ../nbs/05_transformer_block.ipynb #357c4e1c
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .attention import CausalSelfAttention, LayerKVCache, _check_attention_sizes
 
 # %% auto #0
-__all__ = ['MLP', 'Block']
+__all__ = ['MLP', 'Block', 'make_norm', 'ReLU2', 'swiglu_hidden', 'SwiGLU', 'make_mlp']
 
 # %% ../nbs/05_transformer_block.ipynb #cb0b1dc4
 class MLP(nn.Module):
     "Position-wise feed-forward network: Linear(C, 4C), GELU (tanh approximation), Linear(4C, C)."
-    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True, activation: nn.Module | None = None):
         super().__init__()
         self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU(approximate="tanh")  # as GPT-2
+        self.act = activation or nn.GELU(approximate="tanh")  # as GPT-2; chapter 12 tries ReLU squared
         self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
-        return self.dropout(self.proj(self.gelu(self.fc(x))))
+        return self.dropout(self.proj(self.act(self.fc(x))))
 
 # %% ../nbs/05_transformer_block.ipynb #21959838
 class Block(nn.Module):
     "Pre-norm transformer block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`."
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, *, norm: str = "layernorm",
+                 mlp: str = "gelu", rope: bool = False, qk_norm: bool = False):
         super().__init__()
         _check_attention_sizes(n_embd, n_head, dropout)
-        self.ln1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
-        self.ln2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
+        # the keyword options choose chapter 12's parts; their defaults are GPT-2's
+        self.ln1 = nn.LayerNorm(n_embd, bias=bias) if norm == "layernorm" else make_norm(norm, n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, rope=rope, qk_norm=qk_norm)
+        self.ln2 = nn.LayerNorm(n_embd, bias=bias) if norm == "layernorm" else make_norm(norm, n_embd)
+        self.mlp = MLP(n_embd, dropout, bias) if mlp == "gelu" else make_mlp(mlp, n_embd, dropout, bias)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         "`x` `(B, T, C)` -> `(B, T, C)`; `cache` is this layer's view of a KV cache, or None."
         x = x + self.attn(self.ln1(x), cache)  # gather from earlier positions
         x = x + self.mlp(self.ln2(x))  # process each position
         return x
+
+# %% ../nbs/12_modern_gpt.ipynb #f868dc18
+def make_norm(kind: str, n_embd: int, bias: bool = True) -> nn.Module:
+    "A norm by name: GPT-2's `layernorm` (with a bias if `bias`), or `rmsnorm` (a gain, no bias, no mean)."
+    if kind == "layernorm": return nn.LayerNorm(n_embd, bias=bias)
+    if kind == "rmsnorm": return nn.RMSNorm(n_embd, eps=1e-5)
+    raise ValueError(f"unknown norm {kind!r}: choose layernorm or rmsnorm")
+
+# %% ../nbs/12_modern_gpt.ipynb #857fec22
+class ReLU2(nn.Module):
+    "ReLU squared: `max(x, 0)²`."
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return F.relu(x).square()
+
+
+def swiglu_hidden(n_embd: int) -> int:
+    "SwiGLU's hidden width: 8C/3 rounded up to a multiple of 16, so its three matrices hold about MLP's 8 C² weights."
+    return 16 * math.ceil(8 * n_embd / 3 / 16)
+
+
+class SwiGLU(nn.Module):
+    "Gated feed-forward network: `proj(silu(gate) * up)`, where `gate` and `up` are two projections of the input."
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        hidden = swiglu_hidden(n_embd)
+        self.fc = nn.Linear(n_embd, 2 * hidden, bias=bias)  # the gate's and the up projection's rows, one matmul
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)  # (B, T, 2H) -> 2 x (B, T, H)
+        return self.dropout(self.proj(F.silu(gate) * up))  # (B, T, H) -> (B, T, C)
+
+
+def make_mlp(kind: str, n_embd: int, dropout: float = 0.0, bias: bool = True) -> nn.Module:
+    "A feed-forward network by name: `gelu` (GPT-2's `MLP`), `relu2` (`MLP` with ReLU squared) or `swiglu`."
+    if kind == "gelu": return MLP(n_embd, dropout, bias)
+    if kind == "relu2": return MLP(n_embd, dropout, bias, activation=ReLU2())
+    if kind == "swiglu": return SwiGLU(n_embd, dropout, bias)
+    raise ValueError(f"unknown mlp {kind!r}: choose gelu, relu2 or swiglu")

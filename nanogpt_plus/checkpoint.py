@@ -24,6 +24,7 @@ from torch import nn
 
 from .bigram import BigramLanguageModel
 from .bpe import BPETokenizer
+from .block import swiglu_hidden
 from .data import atomic_write
 from .device import check_memory
 from .gpt import GPT, GPTConfig
@@ -223,9 +224,13 @@ def estimate_params(kind: str, config) -> int:
     "The number of parameters of a model of `kind` with `config` (a `GPTConfig` or dict), without building it."
     if isinstance(config, dict): config = checked_config(kind, config)
     if kind == "bigram": return config["vocab_size"] ** 2
-    C, b = config.n_embd, config.bias
-    per_layer = 12 * C * C + (13 * C if b else 2 * C)  # qkv, proj and the 4x MLP, their biases, two norms
-    return config.n_layer * per_layer + (config.vocab_size + config.context_size) * C + (2 * C if b else C)
+    c, C, b = config, config.n_embd, config.bias
+    norm = 2 * C if b and c.norm == "layernorm" else C  # a gain, and a bias unless off (RMSNorm has none)
+    H, n_in = (swiglu_hidden(C), 2) if c.mlp == "swiglu" else (4 * C, 1)  # SwiGLU's first layer has gate and up
+    attn = 4 * C * C + (4 * C if b else 0) + (2 * (C // c.n_head) if c.qk_norm else 0)  # qkv and proj; QK-norm gains
+    mlp = (n_in + 1) * C * H + ((n_in * H + C) if b else 0)
+    tables = c.vocab_size * C * (1 if c.tie_embeddings else 2) + (c.context_size * C if c.pos_emb == "learned" else 0)
+    return c.n_layer * (attn + mlp + 2 * norm) + tables + norm  # blocks, embeddings and head, ln_f
 
 # %% ../nbs/07b_checkpoints.ipynb #77b1cc42
 def _read_json(path: Path, what: str):

@@ -24,7 +24,7 @@ from .checkpoint import RunLock, estimate_params, load_checkpoint, load_trainer_
 from .device import DTYPES, check_memory, resolve_device
 from .data import atomic_write, nanogpt_plus_home, tiny_shakespeare, train_val_split
 from .generate import TextStream, to_decode_layout
-from .gpt import GPT, OVERFLOW_MODES, PRESETS, GPTConfig
+from .gpt import GPT, MLPS, NORMS, OVERFLOW_MODES, POS_EMBS, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
 from .tokenizer import GPT2Tokenizer
 from .tokens import char_vocabulary, encode_file, load_tokens, prepare_tokens
@@ -33,9 +33,9 @@ from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_
 
 # %% auto #0
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
-           'non_negative_float', 'fraction', 'probability', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED',
-           'add_train_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'shakespeare_path',
-           'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
+           'non_negative_float', 'fraction', 'probability', 'SHAPE_FLAGS', 'TRAIN_FIELDS', 'STOP_STATUS',
+           'DEFAULT_SEED', 'add_train_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config',
+           'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
            'add_generate_args', 'load_model_for', 'start_token', 'generate_command', 'add_prepare_args',
            'prepare_command', 'build_parser', 'parse_args', 'main']
 
@@ -106,16 +106,46 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     opt.add_argument("--grad-accum-steps", type=positive_int, metavar="K",
                      help=f"micro-batches per optimizer step ({_default('grad_accum_steps')})")
     opt.add_argument("--learning-rate", type=positive_float, metavar="LR", help=f"peak learning rate ({_default('learning_rate')})")
-    opt.add_argument("--min-lr", type=non_negative_float, metavar="LR", help="learning rate at the end of the cosine "
-                     "decay (default: learning rate / 10)")
+    opt.add_argument("--min-lr", type=non_negative_float, metavar="LR", help="learning rate at the end of the decay "
+                     "(default: learning rate / 10)")
     opt.add_argument("--warmup-iters", type=non_negative_int, metavar="N", help=f"linear warm-up steps ({_default('warmup_iters')})")
-    opt.add_argument("--lr-decay-iters", type=positive_int, metavar="N", help="step where the cosine decay ends "
+    opt.add_argument("--lr-decay-iters", type=positive_int, metavar="N", help="step where the decay ends "
                      "(default: --max-iters)")
     opt.add_argument("--weight-decay", type=non_negative_float, metavar="WD", help=f"AdamW weight decay on matrices ({_default('weight_decay')})")
     opt.add_argument("--grad-clip", type=non_negative_float, metavar="NORM", help="clip the gradient norm to NORM, 0: off (default: 1.0)")
     opt.add_argument("--seed", type=int, metavar="S", help="random seed for initialisation, batches and dropout (default: 1337)")
+    _add_modern_args(parser)
     _add_run_args(parser)
     return parser
+
+# %% ../nbs/11_cli.ipynb #ab0de798
+def _add_modern_args(parser: argparse.ArgumentParser) -> None:
+    "The options of `train` for chapter 12's modern GPT and optimizer, and chapter 13's budget of training FLOPs."
+    on_off = argparse.BooleanOptionalAction
+    m = parser.add_argument_group("modern GPT (chapter 12; the defaults are GPT-2's)")
+    m.add_argument("--pos-emb", choices=POS_EMBS, help="positions: a learned table, or rotary embeddings in attention "
+                   "(default: learned)")
+    m.add_argument("--norm", choices=NORMS, help="the blocks' norms (default: layernorm)")
+    m.add_argument("--qk-norm", action=on_off, help="normalise each head's queries and keys (default: off)")
+    m.add_argument("--mlp", choices=MLPS, help="feed-forward network: GELU, ReLU squared or SwiGLU (default: gelu)")
+    m.add_argument("--tie-embeddings", action=on_off, help="one matrix for the token embedding and the output layer "
+                   "(default: on)")
+    m.add_argument("--logit-softcap", type=positive_float, metavar="CAP", help="squash the logits into (-CAP, CAP) with "
+                   "CAP * tanh(logits / CAP) (default: no cap)")
+    m.add_argument("--zero-init", action=on_off, help="start the residual projections and an untied output layer at "
+                   "zero (default: off)")
+    o = parser.add_argument_group("optimizer, schedule (chapter 12) and budget (chapter 13)")
+    o.add_argument("--optimizer", choices=["adamw", "muon"], help="AdamW everywhere, or Muon for the blocks' matrices "
+                   "and AdamW for embeddings, output layer and gains (default: adamw)")
+    o.add_argument("--muon-lr", type=positive_float, metavar="LR", help="peak learning rate of Muon's matrices "
+                   "(default: --learning-rate)")
+    o.add_argument("--muon-momentum", type=probability, metavar="M", help="Muon's momentum (default: 0.95)")
+    o.add_argument("--schedule", choices=["cosine", "wsd"], help="after the warm-up: a cosine decay, or wsd: stable, "
+                   "then a linear decay over the last --cooldown-frac of the steps (default: cosine)")
+    o.add_argument("--cooldown-frac", type=fraction, metavar="F", help="wsd: the share of the steps spent decaying "
+                   "(default: 0.2)")
+    o.add_argument("--max-flops", type=positive_float, metavar="FLOPS", help="a budget of training FLOPs: as many steps "
+                   "as fit in it (instead of --max-iters); chapter 13 counts them")
 
 # %% ../nbs/11_cli.ipynb #326960a0
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +200,8 @@ def config_defaults(parser: argparse.ArgumentParser, values: dict, source: str) 
     checked = {}
     for key, value in values.items():
         action = actions[key]
-        if isinstance(action, argparse._StoreTrueAction) != isinstance(value, bool) or isinstance(value, (dict, list)):
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
+        if switch != isinstance(value, bool) or isinstance(value, (dict, list)):
             raise ValueError(f"{source}: {key} = {value!r} is not a valid value")
         try: value = action.type(str(value)) if action.type else value
         except argparse.ArgumentTypeError as e: raise ValueError(f"{source}: {key} {e}") from None
@@ -228,7 +259,7 @@ def cut_to_fraction(ids, fraction: float, context_size: int):
 # %% ../nbs/11_cli.ipynb #1fb24f39
 def _check_train_args(args) -> None:
     if args.model is None: raise ValueError("say which model to train: `train bigram`, `train gpt`, or a --config that names it")
-    gpt_only = [f for f in ("gpt2_config", "dropout", "n_layer", "n_head", "n_embd") if getattr(args, f) is not None]
+    gpt_only = [f for f in ("gpt2_config", "dropout", *SHAPE_FLAGS) if getattr(args, f) is not None]
     if args.model == "bigram" and gpt_only:
         raise ValueError(f"--{gpt_only[0].replace('_', '-')} applies to `train gpt`, not to the bigram")
     sizes = BIGRAM_SIZES if args.model == "bigram" else GPT_SIZES
@@ -236,6 +267,12 @@ def _check_train_args(args) -> None:
         raise ValueError(f"the {args.model} has no size {args.size!r}: use one of {', '.join(sizes)}")
     if args.size and args.gpt2_config: raise ValueError("pass --size or --gpt2-config, not both: they are two presets")
     if args.resume and args.overwrite: raise ValueError("pass --resume or --overwrite, not both")
+    if args.max_iters is not None and args.max_flops is not None:
+        raise ValueError("pass --max-iters or --max-flops, not both: a budget of FLOPs decides the number of steps")
+
+
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "pos_emb", "norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap",
+               "zero_init")  # GPTConfig fields set by flags of the same name
 
 
 def new_model(args, tokenizer, device: torch.device, batch_size: int):
@@ -243,7 +280,7 @@ def new_model(args, tokenizer, device: torch.device, batch_size: int):
     if args.model == "bigram": return BigramLanguageModel(tokenizer.vocab_size)
     changes = {"vocab_size": tokenizer.vocab_size}
     if args.context_size: changes["context_size"] = args.context_size
-    for field in ("dropout", "n_layer", "n_head", "n_embd"):
+    for field in ("dropout", *SHAPE_FLAGS):
         if getattr(args, field) is not None: changes[field] = getattr(args, field)
     config = dataclasses.replace(GPTConfig.from_name(args.gpt2_config or args.size or "small"), **changes)
     n = estimate_params("gpt", config)

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from .attention import KVCache
 from .bigram import crop_decoder, generate as sample_tokens  # chapter 3's sampling loop
-from .block import Block
+from .block import Block, make_norm
 
 # %% auto #0
-__all__ = ['PRESETS', 'OVERFLOW_MODES', 'GPTConfig', 'init_gpt_weights', 'Generates', 'GPT', 'CachedDecoder']
+__all__ = ['PRESETS', 'POS_EMBS', 'NORMS', 'MLPS', 'OVERFLOW_MODES', 'GPTConfig', 'init_gpt_weights', 'Generates', 'GPT', 'CachedDecoder', 'soft_cap']
 
 # %% ../nbs/06_gpt.ipynb #a898654d
 PRESETS = {
@@ -34,8 +34,24 @@ PRESETS = {
     "gpt2-large": dict(vocab_size=50257, context_size=1024, n_layer=36, n_head=20, n_embd=1280, dropout=0.0, bias=True),
     "gpt2-xl": dict(vocab_size=50257, context_size=1024, n_layer=48, n_head=25, n_embd=1600, dropout=0.0, bias=True),
 }
+POS_EMBS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "relu2", "swiglu")  # GPT-2's first
 
 
+def _check_modern_fields(c) -> None:
+    "Refuse values of chapter 12's fields that mean nothing, with a message that lists the choices."
+    for name, allowed in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"unknown {name} {getattr(c, name)!r}: choose one of {', '.join(allowed)}")
+    for name in ("qk_norm", "tie_embeddings", "zero_init"):
+        if not isinstance(getattr(c, name), bool): raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+    cap = c.logit_softcap
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0):
+        raise ValueError(f"logit_softcap must be a positive number (or None: no cap), got {cap!r}")
+    if c.pos_emb == "rope" and (c.n_embd // c.n_head) % 2:
+        raise ValueError(f"rope rotates pairs of channels, so the head size n_embd // n_head must be even, got "
+                         f"{c.n_embd} // {c.n_head} = {c.n_embd // c.n_head}")
+
+# %% ../nbs/06_gpt.ipynb #5d0a31b8
 @dataclass
 class GPTConfig:
     "The shape of a GPT, validated on creation."
@@ -46,6 +62,14 @@ class GPTConfig:
     n_embd: int  # width of the residual stream; each head gets n_embd // n_head channels
     dropout: float = 0.0
     bias: bool = True  # biases in the linear layers and layer norms
+    # chapter 12's modern GPT; the defaults are GPT-2's
+    pos_emb: str = "learned"  # a learned table of positions, or "rope": rotary embeddings in attention, no table
+    norm: str = "layernorm"  # or "rmsnorm"
+    qk_norm: bool = False  # normalise each head's queries and keys before their dot product
+    mlp: str = "gelu"  # or "relu2" (ReLU squared) or "swiglu" (gated)
+    tie_embeddings: bool = True  # one matrix for the token embedding and the output layer
+    logit_softcap: float | None = None  # squash the logits into (-cap, cap): cap * tanh(logits / cap)
+    zero_init: bool = False  # start the residual projections (and an untied output layer) at zero
 
     def __post_init__(self):
         for name in ("vocab_size", "context_size", "n_layer", "n_head", "n_embd"):
@@ -57,6 +81,7 @@ class GPTConfig:
                              "every head gets n_embd // n_head channels")
         if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.bias, bool): raise ValueError(f"bias must be True or False, got {self.bias!r}")
+        _check_modern_fields(self)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> GPTConfig:
@@ -72,7 +97,7 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
 # %% ../nbs/06_gpt.ipynb #dfde2fba
-def init_gpt_weights(model: nn.Module, n_layer: int) -> None:
+def init_gpt_weights(model: nn.Module, n_layer: int, zero_init: bool = False) -> None:
     "GPT-2's initialisation: N(0, 0.02) weights, zero biases, and N(0, 0.02 / sqrt(2 n_layer)) residual projections."
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -80,6 +105,8 @@ def init_gpt_weights(model: nn.Module, n_layer: int) -> None:
     for name, p in model.named_parameters():  # the layers that write into the residual stream
         if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        if zero_init and name.endswith(("attn.proj.weight", "mlp.proj.weight", "lm_head.weight")):
+            nn.init.zeros_(p)  # chapter 12; a tied lm_head is listed as tok_emb.weight and keeps its values
 
 
 def _check_forward_args(idx, targets, past: int, context_size: int, last_only: bool) -> None:
@@ -121,13 +148,14 @@ class GPT(Generates, nn.Module):
         super().__init__()
         self.config = c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
-        self.pos_emb = nn.Embedding(c.context_size, c.n_embd)
+        self.pos_emb = nn.Embedding(c.context_size, c.n_embd) if c.pos_emb == "learned" else None  # rope: chapter 12
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout, c.bias) for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        parts = dict(norm=c.norm, mlp=c.mlp, rope=c.pos_emb == "rope", qk_norm=c.qk_norm)  # chapter 12's options
+        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout, c.bias, **parts) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias) if c.norm == "layernorm" else make_norm(c.norm, c.n_embd)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix in and out
-        init_gpt_weights(self, c.n_layer)
+        if c.tie_embeddings: self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix in and out
+        init_gpt_weights(self, c.n_layer, c.zero_init)
 
     @property
     def context_size(self) -> int: return self.config.context_size  # the most tokens the model can look at
@@ -135,14 +163,13 @@ class GPT(Generates, nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         "Number of parameters, the tied embedding/output matrix once; `non_embedding` leaves out both embeddings."
         n = sum(p.numel() for p in self.parameters())  # parameters() lists a shared tensor once
-        if non_embedding: n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        if non_embedding: n -= sum(e.weight.numel() for e in (self.tok_emb, self.pos_emb) if e is not None)
         return n
 
     def flops_per_token(self, context_size: int | None = None) -> int:
-        "Training FLOPs per token: 6 per parameter in a matmul (forward 2, backward 4), plus attention's 12 L C T."
-        lookups = {id(self.pos_emb.weight)}  # a table read, not a matmul; the tied tok_emb *is* the output matmul
-        matmul = sum(p.numel() for p in self.parameters() if p.dim() == 2 and id(p) not in lookups)
-        return 6 * matmul + 12 * self.config.n_layer * self.config.n_embd * (context_size or self.context_size)
+        "Training FLOPs per token: 6 per weight of a linear layer (forward 2, backward 4), plus attention's 12 L C T."
+        matmul = {id(m.weight): m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)}  # tied: once
+        return 6 * sum(matmul.values()) + 12 * self.config.n_layer * self.config.n_embd * (context_size or self.context_size)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
                 last_only: bool = False):
@@ -150,14 +177,17 @@ class GPT(Generates, nn.Module):
         past = 0 if kv_cache is None else kv_cache.pos
         _check_forward_args(idx, targets, past, self.context_size, last_only)
         T = idx.size(1)
-        pos = torch.arange(past, past + T, device=idx.device)  # (T,) absolute positions
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:  # learned positions; chapter 12's rope gives them to attention instead
+            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if kv_cache is None else kv_cache.layer(i))
         if kv_cache is not None: kv_cache.advance(T)  # every layer has stored the T new positions
         x = self.ln_f(x)
         if last_only: x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
         logits = self.lm_head(x)  # (B, T or 1, V)
+        if self.config.logit_softcap: logits = soft_cap(logits, self.config.logit_softcap)  # chapter 12
         if targets is None: return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # (B*T, V) against (B*T,)
 
@@ -188,3 +218,8 @@ class CachedDecoder:
             logits, _ = model(seq[:, -max(1, C // 2):], kv_cache=cache, last_only=True)
         self.length = L
         return logits[:, -1]  # (B, 1, V) -> (B, V)
+
+# %% ../nbs/12_modern_gpt.ipynb #99b6b836
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    "`cap * tanh(logits / cap)` in float32: close to `logits` where they are small, never beyond `±cap`."
+    return cap * torch.tanh(logits.float() / cap)

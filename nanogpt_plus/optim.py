@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['FUSED_ADAMW_DEVICES', 'param_groups', 'make_optimizer', 'lr_at', 'set_lr']
+__all__ = ['FUSED_ADAMW_DEVICES', 'param_groups', 'make_optimizer', 'lr_at', 'set_lr', 'muon_param_groups', 'newton_schulz_flops', 'MuonWithAdamW', 'make_muon_optimizer', 'lr_wsd']
 
 # %% ../nbs/07_optimizers.ipynb #8f4b6a02
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -43,5 +43,78 @@ def lr_at(step: int, max_lr: float, warmup_iters: int, decay_iters: int, min_lr:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    "Set the learning rate of every parameter group."
-    for group in optimizer.param_groups: group["lr"] = lr
+    "Set the learning rate of every parameter group (times the group's `lr_scale`, if it has one: chapter 12)."
+    for group in optimizer.param_groups: group["lr"] = lr * group.get("lr_scale", 1.0)
+
+# %% ../nbs/12_modern_gpt.ipynb #dd4b78a0
+def muon_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], list[dict]]:
+    "Muon's group (the weights of the linear layers, except the output layer's) and AdamW's groups for the rest."
+    head = getattr(model, "lm_head", None)
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # a tied head is a table too
+    hidden = {id(m.weight) for m in model.modules()
+              if isinstance(m, nn.Linear) and m is not head and id(m.weight) not in tables}
+    params = [p for p in model.parameters() if p.requires_grad]  # shared (tied) tensors are listed once
+    rest = [p for p in params if id(p) not in hidden]
+    return ([{"params": [p for p in params if id(p) in hidden], "weight_decay": weight_decay}],
+            [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}])
+
+
+def newton_schulz_flops(shape, steps: int = 5) -> int:
+    "FLOPs of Muon's Newton-Schulz iterations on one `(rows, cols)` matrix: per step `X Xᵀ`, `A A` and `B X`."
+    m, n = sorted(shape[:2])  # it works on the wide orientation, (m, n) with m <= n
+    return steps * (2 * m * m * n + 2 * m**3 + 2 * m * m * n)
+
+# %% ../nbs/12_modern_gpt.ipynb #7e242c60
+class MuonWithAdamW:
+    "Muon for the hidden matrices and AdamW for the rest, stepped, cleared and saved as one optimizer."
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.optimizers = {"muon": muon, "adamw": adamw}
+        self.flops_per_step = sum(newton_schulz_flops(p.shape, g["ns_steps"]) for g in muon.param_groups
+                                  for p in g["params"])  # the optimizer's own matrix products, chapter 13 counts them
+
+    @property
+    def param_groups(self) -> list[dict]: return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    def step(self, closure=None) -> None:
+        for o in self.optimizers.values(): o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers.values(): o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict: return {name: o.state_dict() for name, o in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or set(state) != set(self.optimizers):
+            raise ValueError("the optimizer state is not Muon's with AdamW's: it was saved by another optimizer")
+        for name, o in self.optimizers.items(): o.load_state_dict(state[name])
+
+    def __repr__(self) -> str:
+        sizes = {name: sum(p.numel() for g in o.param_groups for p in g["params"]) for name, o in self.optimizers.items()}
+        return f"MuonWithAdamW(muon: {sizes['muon']:,} weights, adamw: {sizes['adamw']:,})"
+
+
+def make_muon_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 0.1,
+                        betas: tuple[float, float] = (0.9, 0.99), device_type: str = "cpu",
+                        muon_lr: float | None = None, momentum: float = 0.95) -> MuonWithAdamW:
+    "`torch.optim.Muon` (steps sized like AdamW's) for the hidden matrices, chapter 7's fused AdamW for the rest."
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"the Muon optimizer needs torch.optim.Muon, which PyTorch {torch.__version__} lacks: upgrade it")
+    muon_groups, adamw_groups = muon_param_groups(model, weight_decay)
+    if not muon_groups[0]["params"]: raise ValueError("Muon needs a model with linear layers in its blocks (a GPT)")
+    muon_lr = muon_lr or learning_rate
+    muon_groups[0]["lr_scale"] = muon_lr / learning_rate  # set_lr gives Muon the schedule times this
+    muon = torch.optim.Muon(muon_groups, lr=muon_lr, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=tuple(betas),
+                              fused=True if device_type in FUSED_ADAMW_DEVICES else None)
+    return MuonWithAdamW(muon, adamw)
+
+# %% ../nbs/12_modern_gpt.ipynb #867230cc
+def lr_wsd(step: int, max_lr: float, warmup_iters: int, decay_iters: int, cooldown_frac: float = 0.2,
+           min_lr: float = 0.0) -> float:
+    "Learning rate for step `step`: linear warm-up, `max_lr` until the last `cooldown_frac` of `decay_iters`, then linear to `min_lr`."
+    if step < warmup_iters: return max_lr * (step + 1) / warmup_iters
+    if step >= decay_iters: return min_lr
+    start = decay_iters - max(1, round(cooldown_frac * decay_iters))  # the first step of the decay
+    if step < start: return max_lr
+    return max_lr + (min_lr - max_lr) * (step + 1 - start) / (decay_iters - start)  # min_lr at the last step

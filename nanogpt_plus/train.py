@@ -27,12 +27,13 @@ from .checkpoint import (CheckpointError, RunLock, load_checkpoint, load_trainer
                                      save_checkpoint)  # load_* are re-exported: train.load_checkpoint is the book's name
 from .data import atomic_write, get_batch
 from .device import DTYPES, autocast, resolve_device, resolve_dtype
-from .optim import lr_at, make_optimizer, set_lr
+from .optim import lr_at, lr_wsd, make_muon_optimizer, make_optimizer, set_lr  # Muon, WSD: chapter 12
 
 # %% auto #0
-__all__ = ['TrainConfig', 'Callback', 'clipped_step', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate', 'LogLoss',
-           'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint',
-           'trainer_state', 'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'standard_callbacks', 'evaluate']
+__all__ = ['TrainConfig', 'Callback', 'clipped_step', 'build_optimizer', 'within_budget', 'Trainer', 'check_windows',
+           'estimate_loss', 'Evaluate', 'LogLoss', 'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot',
+           'ProgressBar', 'data_fingerprint', 'trainer_state', 'restore_trainer_state', 'Checkpoint', 'StopOnSignal',
+           'standard_callbacks', 'evaluate']
 
 # %% ../nbs/08_training.ipynb #5c90c41c
 @dataclass
@@ -56,20 +57,37 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "auto"            # autocast dtype: auto or a key of DTYPES
     compile: bool = False          # torch.compile the model
+    # chapters 12 and 13: Muon, the warm-up/stable/decay schedule, a budget of training FLOPs
+    optimizer: str = "adamw"       # or "muon": Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float | None = None   # peak learning rate of Muon's matrices (default: learning_rate)
+    muon_momentum: float = 0.95
+    schedule: str = "cosine"       # warm-up then cosine decay, or "wsd": warm-up, stable, then a linear decay
+    cooldown_frac: float = 0.2     # wsd: the share of the steps spent decaying
+    max_flops: float | None = None  # a budget of training FLOPs: max_iters becomes the most steps that fit
 
     def __post_init__(self):
         for f in ("max_iters", "batch_size", "context_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, f) < 1: raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        for f in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "muon_lr", "max_flops"):
             v = getattr(self, f)
             if v is not None and not (math.isfinite(v) and v >= 0): raise ValueError(f"{f} must be a finite number >= 0, got {v}")
-        if self.learning_rate == 0: raise ValueError("learning_rate must be > 0")
+        for f in ("learning_rate", "muon_lr", "max_flops"):
+            if getattr(self, f) == 0: raise ValueError(f"{f} must be > 0")
         if self.dtype != "auto" and self.dtype not in DTYPES: raise ValueError(f"unknown dtype {self.dtype!r}")
+        for f, allowed in (("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd"))):
+            if getattr(self, f) not in allowed: raise ValueError(f"unknown {f} {getattr(self, f)!r}: use {' or '.join(allowed)}")
+        if not 0 < self.cooldown_frac <= 1: raise ValueError(f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
+        if not 0 <= self.muon_momentum < 1: raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+
+    @property
+    def tokens_per_step(self) -> int: return self.grad_accum_steps * self.batch_size * self.context_size
 
     def lr(self, step: int) -> float:
         "The learning rate for optimizer step `step`."
         min_lr = self.learning_rate / 10 if self.min_lr is None else self.min_lr
-        return lr_at(step, self.learning_rate, self.warmup_iters, self.lr_decay_iters or self.max_iters, min_lr)
+        end = self.lr_decay_iters or self.max_iters
+        if self.schedule == "wsd": return lr_wsd(step, self.learning_rate, self.warmup_iters, end, self.cooldown_frac, min_lr)
+        return lr_at(step, self.learning_rate, self.warmup_iters, end, min_lr)
 
 # %% ../nbs/08_training.ipynb #efb30001
 class Callback:
@@ -92,6 +110,23 @@ def clipped_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
+# %% ../nbs/08_training.ipynb #24f6ee10
+def build_optimizer(model: nn.Module, config: TrainConfig, device_type: str = "cpu"):
+    "The optimizer `config` asks for: AdamW (chapter 7), or Muon for the blocks' matrices with AdamW (chapter 12)."
+    args = (model, config.learning_rate, config.weight_decay, (config.beta1, config.beta2), device_type)
+    if config.optimizer == "muon": return make_muon_optimizer(*args, muon_lr=config.muon_lr, momentum=config.muon_momentum)
+    return make_optimizer(*args)
+
+
+def within_budget(config: TrainConfig, flops_per_step: int) -> TrainConfig:
+    "`config` with `max_iters` the most steps that fit in `config.max_flops` training FLOPs (as it is, without a budget)."
+    if config.max_flops is None: return config
+    if flops_per_step <= 0: raise ValueError("max_flops needs a model that counts its FLOPs (a GPT)")
+    if config.max_flops < flops_per_step:
+        raise ValueError(f"max_flops {config.max_flops:.3g} is less than one step ({flops_per_step:.3g} FLOPs): raise "
+                         "it, or take smaller steps")
+    return dataclasses.replace(config, max_iters=int(config.max_flops // flops_per_step))
+
 # %% ../nbs/08_training.ipynb #c5475234
 class Trainer:
     "Train `model` on 1-D token sequences `train_data`/`val_data`; `callbacks` add evaluation, checkpoints, ..."
@@ -105,12 +140,13 @@ class Trainer:
         self.dtype = resolve_dtype("float32" if config.dtype == "auto" and not matmuls else config.dtype, self.device)
         self.model = model.to(self.device)
         self.forward = torch.compile(self.model) if config.compile else self.model
-        self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay,
-                                        (config.beta1, config.beta2), self.device.type)
+        self.optimizer = build_optimizer(self.model, config, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.batch_rng = torch.Generator().manual_seed(config.seed)
         self.step, self.tokens_seen, self.train_time, self.metrics, self.stop_reason = 0, 0, 0.0, [], None
         self.flops, self.flops_per_token = 0, getattr(model, "flops_per_token", lambda T: 0)(config.context_size)
+        self.flops_per_step = config.tokens_per_step * self.flops_per_token + getattr(self.optimizer, "flops_per_step", 0)
+        self.config = within_budget(config, self.flops_per_step)  # a budget of training FLOPs sets max_iters
 
     def train_step(self) -> float:
         "One optimizer step; returns its loss (the mean over all micro-batches)."
@@ -124,8 +160,7 @@ class Trainer:
             total += loss.item()
         clipped_step(self.optimizer, self.scaler, self.model.parameters(), cfg.grad_clip)
         self.step += 1
-        tokens = cfg.grad_accum_steps * cfg.batch_size * cfg.context_size
-        self.tokens_seen, self.flops = self.tokens_seen + tokens, self.flops + self.flops_per_token * tokens
+        self.tokens_seen, self.flops = self.tokens_seen + cfg.tokens_per_step, self.flops + self.flops_per_step
         return total
 
     def fit(self, max_iters: int | None = None) -> Trainer:
