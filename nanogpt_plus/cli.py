@@ -215,7 +215,7 @@ def write_run_config(path, args) -> None:
         lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else repr(value).replace(chr(39), chr(34))}")
     atomic_write(path, lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
 
-# %% ../nbs/11_cli.ipynb #df62c020
+# %% ../nbs/11_cli.ipynb #4f34635e
 def new_tokenizer(spec: str, path, fraction: float = 1.0):
     "The tokenizer `spec` names, for a new run on text file `path`; `bpe:N` is learned from the first `fraction` of it."
     if spec == "gpt2": return GPT2Tokenizer()
@@ -228,7 +228,7 @@ def new_tokenizer(spec: str, path, fraction: float = 1.0):
           f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return tokenizer
 
-# %% ../nbs/11_cli.ipynb #4f34635e
+# %% ../nbs/11_cli.ipynb #df62c020
 def shakespeare_path() -> Path:
     "The local copy of tiny-shakespeare, downloaded (and checked) first if needed."
     tiny_shakespeare()
