@@ -1,4 +1,4 @@
-"""Learn a GPT-2-style tokenizer from any text: bytes, merges, the regular expression that keeps words apart, and token ids identical to tiktoken's.
+"""Learn a GPT-2-style tokenizer from any text: bytes, merges, the regular expression that keeps words apart, token ids identical to tiktoken's, and whether a small GPT learns more from characters or from byte pairs.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/bpe.html.md"""
 
