@@ -1,4 +1,4 @@
-"""Learn a GPT-2-style tokenizer from any text: bytes, merges, the regular expression that keeps words apart, and token ids identical to tiktoken's.
+"""Learn a GPT-2-style tokenizer from any text: bytes, merges, the regular expression that keeps words apart, token ids identical to tiktoken's, and whether a small GPT learns more from characters or from byte pairs.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/bpe.html.md"""
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import json
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import regex
 import tiktoken
@@ -124,16 +124,20 @@ def split_specials(text: str, special_tokens: Sequence[str]) -> list[str]:
     return regex.split("(" + "|".join(map(regex.escape, longest_first)) + ")", text)
 
 # %% ../nbs/02b_bpe.ipynb #1c93e1eb
-def train_merges(text: str, vocab_size: int, special_tokens: Sequence[str] = (ENDOFTEXT,),
+def train_merges(text: str | Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (ENDOFTEXT,),
                  pattern: str = GPT2_SPLIT_PATTERN) -> list[tuple[int, int]]:
     "The merges of a byte-level BPE of `vocab_size` tokens (256 bytes, the merges, `special_tokens`) learned from `text`."
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
         raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 byte tokens and "
                          f"{len(special_tokens)} special token(s), so ask for at least {256 + len(special_tokens)}")
-    if not text: raise ValueError("cannot train a tokenizer on an empty text; pass the text it will encode")
-    pieces = split_specials(check_text(text), special_tokens)[::2]  # the text between the special tokens
-    merges, _ = learn_merges(Counter(chunk for piece in pieces for chunk in split_chunks(piece, pattern)), n_merges)
+    chunks, n_chars = Counter(), 0
+    for piece in [text] if isinstance(text, str) else text:  # a string, or the pieces of a large text
+        n_chars += len(piece)
+        for part in split_specials(check_text(piece), special_tokens)[::2]:  # the text between the special tokens
+            chunks.update(split_chunks(part, pattern))
+    if not n_chars: raise ValueError("cannot train a tokenizer on an empty text; pass the text it will encode")
+    merges, _ = learn_merges(chunks, n_merges)
     if len(merges) < n_merges:
         raise ValueError(f"the text ran out of pairs to merge after {len(merges)} merges: ask for vocab_size <= "
                          f"{256 + len(merges) + len(special_tokens)}, or train on more text")

@@ -27,15 +27,16 @@ from .generate import TextStream, to_decode_layout
 from .gpt import GPT, MLPS, NORMS, OVERFLOW_MODES, POS_EMBS, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
 from .tokenizer import GPT2Tokenizer
-from .tokens import char_vocabulary, encode_file, load_tokens, prepare_tokens
+from .tokens import bpe_vocabulary, char_vocabulary, encode_file, load_tokens, prepare_tokens
 from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_state,
                                 standard_callbacks)
 
 # %% auto #0
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
-           'non_negative_float', 'fraction', 'probability', 'SHAPE_FLAGS', 'TRAIN_FIELDS', 'STOP_STATUS',
-           'DEFAULT_SEED', 'add_train_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config',
-           'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
+           'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'SHAPE_FLAGS', 'TRAIN_FIELDS',
+           'STOP_STATUS', 'DEFAULT_SEED', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args',
+           'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer', 'shakespeare_path',
+           'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
            'add_generate_args', 'load_model_for', 'start_token', 'generate_command', 'add_prepare_args',
            'prepare_command', 'build_parser', 'parse_args', 'main']
 
@@ -79,6 +80,29 @@ non_negative_float = _checked(float, lambda v: v >= 0, "a finite number >= 0")
 fraction = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 probability = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
+# %% ../nbs/11_cli.ipynb #d14b96af
+MIN_BPE_VOCAB = 256 + 1  # the 256 byte tokens and <|endoftext|>
+
+
+def tokenizer_spec(text: str) -> str:
+    "An argparse `type=` for `--tokenizer`: `char`, `gpt2` or `bpe:N` with N >= 257, written the canonical way."
+    kind, colon, size = text.strip().lower().partition(":")
+    if kind in ("char", "gpt2") and not colon: return kind
+    if kind == "bpe" and size.isascii() and size.isdigit() and int(size) >= MIN_BPE_VOCAB: return f"bpe:{int(size)}"
+    raise argparse.ArgumentTypeError(f"expected char, gpt2 or bpe:N, got {text!r}; use bpe:N with N >= {MIN_BPE_VOCAB}, "
+                                     "e.g. bpe:4096 (a byte-level BPE starts with 256 bytes and <|endoftext|>)")
+
+
+def tokenizer_name(tokenizer) -> str:
+    "How `--tokenizer` names `tokenizer`: `char`, `gpt2` or `bpe:N`."
+    return f"bpe:{tokenizer.vocab_size}" if tokenizer.kind == "bpe" else tokenizer.kind
+
+
+def same_tokenizer(a, b) -> bool:
+    "Whether tokenizers `a` and `b` give the same ids: same kind, size, and characters or merges."
+    fields = ("kind", "vocab_size", "chars", "merges", "byte_ids", "special_tokens", "pattern")
+    return all(getattr(a, f, None) == getattr(b, f, None) for f in fields)
+
 # %% ../nbs/11_cli.ipynb #12e3723b
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Declare the options of `nanogpt-plus train {bigram,gpt}` on `parser`."
@@ -90,8 +114,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       "prepare` (default: tiny-shakespeare, downloaded once into $NANOGPT_PLUS_HOME)")
     data.add_argument("--dataset-fraction", type=fraction, metavar="F", help="train on the first fraction F of the "
                       "tokens, 0 < F <= 1, with the whole text's vocabulary; the last 10%% of them is the validation split")
+    data.add_argument("--tokenizer", type=tokenizer_spec, metavar="char|gpt2|bpe:N", help="one token per character "
+                      "(default), GPT-2's 50,257 tokens (the default of --gpt2-config), or a byte-pair encoding of N "
+                      "tokens learned from the training split; a resumed run, or a token directory, keeps its own")
     model = parser.add_argument_group("model (ignored with --resume, which keeps the saved model)")
-    model.add_argument("--size", metavar="SIZE", help=f"GPT preset with a character tokenizer: {', '.join(GPT_SIZES)} "
+    model.add_argument("--size", metavar="SIZE", help=f"GPT preset (its shape): {', '.join(GPT_SIZES)} "
                        f"(default: small); the bigram's one size is {BIGRAM_SIZES[0]}")
     model.add_argument("--gpt2-config", choices=GPT2_CONFIGS, metavar="NAME", help="train from scratch a GPT with the "
                        f"architecture and BPE tokenizer of OpenAI's {', '.join(GPT2_CONFIGS)} (slow on a CPU)")
@@ -221,6 +248,19 @@ def write_run_config(path, args) -> None:
     atomic_write(path, lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
 
 # %% ../nbs/11_cli.ipynb #df62c020
+def new_tokenizer(spec: str, path, fraction: float = 1.0):
+    "The tokenizer `spec` names, for a new run on text file `path`; `bpe:N` is learned from the first `fraction` of it."
+    if spec == "gpt2": return GPT2Tokenizer()
+    if spec == "char": return char_vocabulary(path)  # the whole text's characters: any of them may start a prompt
+    start = time.perf_counter()
+    try: tokenizer = bpe_vocabulary(path, int(spec.removeprefix("bpe:")), fraction)
+    except ValueError as e:  # name the flag rather than the Python argument
+        raise ValueError(str(e).replace("ask for vocab_size <= ", "use --tokenizer bpe:N with N <= ")) from None
+    print(f"learned a byte-pair tokenizer of {tokenizer.vocab_size:,} tokens from the first {fraction:.0%} of {path} "
+          f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return tokenizer
+
+# %% ../nbs/11_cli.ipynb #4e7bef10
 def shakespeare_path() -> Path:
     "The local copy of tiny-shakespeare, downloaded (and checked) first if needed."
     tiny_shakespeare()
@@ -229,16 +269,21 @@ def shakespeare_path() -> Path:
 
 def load_training_data(args, tokenizer=None):
     "The token ids `args` point to, and their tokenizer (`tokenizer` if given: a resumed run's)."
+    wanted = getattr(args, "tokenizer", None) or ("gpt2" if tokenizer is None and args.gpt2_config else None)
+    if tokenizer is not None and wanted not in (None, tokenizer_name(tokenizer)):
+        raise ValueError(f"--tokenizer {wanted} contradicts the checkpoint's tokenizer, {tokenizer_name(tokenizer)}: a run "
+                         "keeps its tokenizer; drop --tokenizer to resume, or start a new run in another --out-dir")
     if args.data and Path(args.data).is_dir():
         ids, found = load_tokens(args.data)
-        if tokenizer is not None and (found.kind, found.vocab_size) != (tokenizer.kind, tokenizer.vocab_size):
+        if tokenizer is not None and not same_tokenizer(found, tokenizer):
             raise ValueError(f"the token directory {args.data} was made with another tokenizer than the checkpoint's")
-        if args.gpt2_config and found.kind != "gpt2":
-            raise ValueError(f"{args.data} holds {found.kind} tokens: prepare it with --tokenizer gpt2 for --gpt2-config")
+        if wanted not in (None, tokenizer_name(found)):
+            raise ValueError(f"{args.data} holds {tokenizer_name(found)} tokens, not {wanted}: prepare it with --tokenizer "
+                             f"{wanted}, or train on its own tokens (without --tokenizer and --gpt2-config)")
         return ids, tokenizer or found
     path = Path(args.data) if args.data else shakespeare_path()
     given = tokenizer is not None
-    tokenizer = tokenizer or (GPT2Tokenizer() if args.gpt2_config else char_vocabulary(path))
+    tokenizer = tokenizer or new_tokenizer(wanted or "char", path, 0.9 * (args.dataset_fraction or 1.0))  # train split
     try: return encode_file(path, tokenizer), tokenizer
     except ValueError as e:
         if given and "never seen" in str(e): raise ValueError(f"the data do not fit the checkpoint's tokenizer: {e}") from None
@@ -266,6 +311,9 @@ def _check_train_args(args) -> None:
     if args.size is not None and args.size not in sizes:
         raise ValueError(f"the {args.model} has no size {args.size!r}: use one of {', '.join(sizes)}")
     if args.size and args.gpt2_config: raise ValueError("pass --size or --gpt2-config, not both: they are two presets")
+    if args.gpt2_config and args.tokenizer not in (None, "gpt2"):
+        raise ValueError(f"--gpt2-config trains with GPT-2's tokenizer: drop --tokenizer {args.tokenizer}, or pass "
+                         "--size (or the shape flags) instead of --gpt2-config")
     if args.resume and args.overwrite: raise ValueError("pass --resume or --overwrite, not both")
     if args.max_iters is not None and args.max_flops is not None:
         raise ValueError("pass --max-iters or --max-flops, not both: a budget of FLOPs decides the number of steps")
@@ -277,16 +325,20 @@ SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "pos_emb", "norm", "qk_norm", "mlp
 
 def new_model(args, tokenizer, device: torch.device, batch_size: int):
     "A freshly initialised model for `args`, after checking that training it fits in the memory of `device`."
-    if args.model == "bigram": return BigramLanguageModel(tokenizer.vocab_size)
-    changes = {"vocab_size": tokenizer.vocab_size}
-    if args.context_size: changes["context_size"] = args.context_size
-    for field in ("dropout", *SHAPE_FLAGS):
-        if getattr(args, field) is not None: changes[field] = getattr(args, field)
-    config = dataclasses.replace(GPTConfig.from_name(args.gpt2_config or args.size or "small"), **changes)
-    n = estimate_params("gpt", config)
-    check_memory(16 * n + 8 * batch_size * config.context_size * config.vocab_size, device,
-                 f"training a GPT of {n:,} parameters")
-    return GPT(config)
+    V = tokenizer.vocab_size
+    if args.model == "bigram":  # V x V parameters: a large vocabulary makes even the bigram big
+        config, context = {"vocab_size": V}, args.context_size or TRAIN_PRESETS["bigram"]["context_size"]
+    else:
+        changes = {"vocab_size": V}
+        if args.context_size: changes["context_size"] = args.context_size
+        for field in ("dropout", *SHAPE_FLAGS):
+            if getattr(args, field) is not None: changes[field] = getattr(args, field)
+        config = dataclasses.replace(GPTConfig.from_name(args.gpt2_config or args.size or "small"), **changes)
+        context = config.context_size
+    n = estimate_params(args.model, config)
+    check_memory(16 * n + 8 * batch_size * context * V, device,
+                 f"training a {'GPT' if args.model == 'gpt' else 'bigram'} of {n:,} parameters")
+    return BigramLanguageModel(V) if args.model == "bigram" else GPT(config)
 
 
 def default_out_dir(args) -> Path:
@@ -336,7 +388,7 @@ def train_command(args) -> int:
         if state is not None: restore_trainer_state(trainer, state)
         write_run_config(out / "run.toml", args)
         print(f"{'resuming' if state else 'training'} {args.model} ({sum(p.numel() for p in model.parameters()):,} "
-              f"parameters) on {len(train_data) + len(val_data):,} tokens; {device}, "
+              f"parameters) on {len(train_data) + len(val_data):,} tokens ({tokenizer_name(tokenizer)}); {device}, "
               f"{str(trainer.dtype).removeprefix('torch.')}; checkpoints in {out}", file=sys.stderr)
         trainer.fit()
         return _finish(trainer, out, val_data)
@@ -421,10 +473,11 @@ def load_model_for(args, device: torch.device, dtype: torch.dtype | None = None)
 
 
 def start_token(tokenizer) -> int:
-    "The token an empty prompt starts from: `<|endoftext|>` if the tokenizer has it, else a newline (else id 0)."
-    if getattr(tokenizer, "eot_token", None) is not None: return tokenizer.eot_token
-    try: return tokenizer.encode("\n")[0]
-    except (ValueError, KeyError, IndexError): return 0
+    "The token an empty prompt starts from: GPT-2's `<|endoftext|>`, else a newline (else `<|endoftext|>`, else id 0)."
+    eot = getattr(tokenizer, "eot_token", None)
+    if tokenizer.kind == "gpt2" and eot is not None: return eot
+    try: return tokenizer.encode("\n")[-1]
+    except (ValueError, KeyError, IndexError): return 0 if eot is None else eot
 
 # %% ../nbs/11_cli.ipynb #6e866d09
 def generate_command(args) -> int:
@@ -463,8 +516,9 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     "Declare the options of `nanogpt-plus prepare` on `parser`."
     parser.add_argument("text", metavar="FILE", help="a UTF-8 text file")
     parser.add_argument("--out-dir", metavar="DIR", required=True, help="the token directory to write")
-    parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char",
-                        help="one token per character of the text, or GPT-2's byte-pair encoding (default: %(default)s)")
+    parser.add_argument("--tokenizer", type=tokenizer_spec, default="char", metavar="char|gpt2|bpe:N",
+                        help="one token per character of the text (default), GPT-2's 50,257 tokens, or a byte-pair "
+                        "encoding of N tokens learned from the first 90%% of the file (the training split of `train`)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -473,7 +527,7 @@ def prepare_command(args) -> int:
     "Run `nanogpt-plus prepare` with parsed `args`."
     start = time.perf_counter()
     with RunLock(args.out_dir):
-        out = prepare_tokens(args.text, args.out_dir, GPT2Tokenizer() if args.tokenizer == "gpt2" else None,
+        out = prepare_tokens(args.text, args.out_dir, new_tokenizer(args.tokenizer, args.text, fraction=0.9),
                              progress=not args.no_progress)
     ids, tokenizer = load_tokens(out)
     print(f"{len(ids):,} tokens ({tokenizer.vocab_size:,} in the vocabulary, {ids.dtype.name}) in {out / 'tokens.bin'}, "
