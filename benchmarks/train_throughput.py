@@ -1,41 +1,112 @@
-"""Training throughput: our GPT (as `nanogpt-plus train` runs it) against transformers' GPT2LMHeadModel.
+"""Training throughput: our GPT (as `nanogpt-plus train` runs it) against transformers' GPT2LMHeadModel, like with like.
 
-Both models have the same shape (layers, heads, width, context, vocabulary 65 as tiny-shakespeare's characters,
-biases, no dropout) and train on the same batches in the same process, each as a user gets it by default on
-this machine:
+Every model trains on the same batches in the same process, at batch 8 and at batch 32, at the char size of
+chapter 8 (6 layers, 6 heads, 384 wide, context 256, vocabulary 65, no dropout; no biases for ours, biases for
+GPT-2, which always has them; `--bias` gives ours biases too):
 
-- ours: `nanogpt_plus.train.Trainer.train_step`, i.e. autocast to the dtype `--dtype auto` picks (bfloat16 on CPUs
-  with AMX/AVX512-BF16, float32 elsewhere), fused AdamW, gradient clipping;
-- peer: `GPT2LMHeadModel` in float32 (transformers' default), its default attention implementation, torch's
-  default AdamW, gradient clipping.
+- `ours`: `nanogpt_plus.train.Trainer.train_step` with its defaults: autocast to the dtype `--dtype auto` picks
+  (bfloat16 on CPUs with AMX or AVX512-BF16, float32 elsewhere), fused AdamW, gradient clipping, and the attention
+  path chapter 4 measures as the faster one on this machine;
+- `peer_same`: `GPT2LMHeadModel` in the *same* precision (autocast to our dtype), sdpa attention, fused AdamW,
+  gradient clipping: the best-configured peer;
+- `peer_fp32`: `GPT2LMHeadModel` as a user gets it by default: float32, its default attention, torch's default
+  AdamW, gradient clipping;
+- `ours_fp32` (with `--fp32`): our trainer with `dtype="float32"`, to check that the float32 path (what a CPU without
+  fast bfloat16 runs) does not lose to `peer_fp32`.
 
-The two are timed in alternating rounds so that load from other processes hits both alike; the median round
-counts. Model FLOPs utilisation (MFU) uses the usual estimate of training FLOPs per token,
-6 * (parameters without position embeddings) + 12 * n_layer * n_embd * context, against the matmul peak of our
-dtype measured in this same run. Prints one JSON line.
+The models take turns in every round, so that load from other processes hits all alike, and each round also
+measures the matmul peak of bfloat16 and of float32 (best of short bursts of square matmuls). Throughputs are the
+median over rounds; MFU (model FLOPs utilisation) is per round, tokens/s x FLOPs per token / the peak of the
+model's dtype measured in that round, then the median. FLOPs per token are our model's `flops_per_token`:
+6 x (matmul parameters) + 12 x n_layer x n_embd x context, the same count for the peer (its biases and layer norms
+are not matmuls). Prints one JSON line.
 
-    python benchmarks/train_throughput.py                    # 6 layers, 6 heads, 384 wide, context 256
-    python benchmarks/train_throughput.py --n-layer 4 --n-embd 128 --n-head 4 --context-size 64
+    python benchmarks/train_throughput.py                  # batch 8 and 32, the char size
+    python benchmarks/train_throughput.py --fp32 --threads 1   # on a machine shared with other work
+    python benchmarks/train_throughput.py --batch-sizes 8 --n-layer 4 --n-embd 128 --n-head 4 --context-size 64
 """
 import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
+from nanogpt_plus.attention import ATTENTION_PATHS
+from nanogpt_plus.data import get_batch
+from nanogpt_plus.gpt import GPT, GPTConfig
+from nanogpt_plus.perf import matmul_peak
+from nanogpt_plus.train import Trainer, TrainConfig
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
-    "Measured FLOP/s of an n x n matmul in `dtype` (best of a few timed bursts)."
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2): a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        for _ in range(3): a @ b
-        best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - t))
-    return best
+
+def our_step(shape: dict, data, B: int, T: int, dtype: str, bias: bool):
+    "A training step of our model, as `Trainer` takes it."
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, context_size=T, dropout=0.0, bias=bias, **shape))
+    trainer = Trainer(model, data[:180_000], data[180_000:],
+                      TrainConfig(batch_size=B, context_size=T, warmup_iters=0, dtype=dtype))
+    return trainer.train_step, trainer.dtype, model.flops_per_token(T)
+
+
+def peer_step(shape: dict, data, B: int, T: int, dtype: torch.dtype, tuned: bool):
+    "A training step of transformers' GPT-2: `tuned` is sdpa and fused AdamW, else the defaults of transformers and torch."
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=65, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0, **shape)
+    if tuned: config._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(config).train()
+    if tuned: assert model.config._attn_implementation == "sdpa"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=tuned or None)
+    rng = torch.Generator().manual_seed(1337)  # the generator our trainer draws its batches with: the same windows
+
+    def step():
+        x, y = get_batch(data[:180_000], B, T, rng)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # as ours: T targets
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def measure(args, B: int) -> dict:
+    "Alternating rounds of every model at batch size `B`; medians of tokens/s and of MFU."
+    T = args.context_size
+    shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    data = torch.randint(65, (200_000,), generator=torch.Generator().manual_seed(0))
+    ours, dtype, flops_per_token = our_step(shape, data, B, T, "auto", args.bias)
+    steps = {"ours": (ours, dtype), "peer_same": (peer_step(shape, data, B, T, dtype, tuned=True), dtype),
+             "peer_fp32": (peer_step(shape, data, B, T, torch.float32, tuned=False), torch.float32)}
+    if args.fp32: steps["ours_fp32"] = (our_step(shape, data, B, T, "float32", args.bias)[0], torch.float32)
+    n = max(1, args.tokens_per_round // (B * T))  # steps per round: the same work at every batch size
+    for step, _ in steps.values():  # warm-up: allocator, kernels, optimizer state, the attention path measurement
+        for _ in range(2): step()
+    tps, mfu, peaks = {name: [] for name in steps}, {name: [] for name in steps}, {"bfloat16": [], "float32": []}
+    for _ in range(args.rounds):
+        peak = {torch.bfloat16: matmul_peak(torch.bfloat16), torch.float32: matmul_peak(torch.float32)}
+        for name, p in peak.items(): peaks[str(name).removeprefix("torch.")].append(p)
+        for name, (step, dt) in steps.items():
+            start = time.perf_counter()
+            for _ in range(n): step()
+            tps[name].append(n * B * T / (time.perf_counter() - start))
+            mfu[name].append(tps[name][-1] * flops_per_token / peak[dt])
+    med = {name: statistics.median(r) for name, r in tps.items()}
+    out = {"tokens_per_s": {name: round(m, 1) for name, m in med.items()},
+           "ratio_vs_peer_same": round(med["ours"] / med["peer_same"], 3),
+           "ratio_vs_peer_fp32": round(med["ours"] / med["peer_fp32"], 3),
+           "mfu": {name: round(statistics.median(r), 4) for name, r in mfu.items()},
+           "matmul_peak_gflops": {name: round(statistics.median(p) / 1e9, 1) for name, p in peaks.items()},
+           "rounds_tokens_per_s": {name: [round(x, 1) for x in r] for name, r in tps.items()}}
+    if args.fp32: out["ratio_fp32_vs_peer_fp32"] = round(med["ours_fp32"] / med["peer_fp32"], 3)
+    return out
 
 
 def main(argv=None):
@@ -44,70 +115,25 @@ def main(argv=None):
     p.add_argument("--n-head", type=int, default=6)
     p.add_argument("--n-embd", type=int, default=384)
     p.add_argument("--context-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4, help="timed training steps per round and model")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--bias", action="store_true", help="biases in our model too (GPT-2 always has them)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--tokens-per-round", type=int, default=2048,
+                   help="timed tokens per model and round (at least one step): short rounds pair the models closely")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--fp32", action="store_true", help="also time our trainer in float32 against the float32 peer")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
-
-    from nanogpt_plus.gpt import GPT, GPTConfig
-    from nanogpt_plus.train import Trainer, TrainConfig
-
-    hf_logging.set_verbosity_error()
-    V, T, B = 65, args.context_size, args.batch_size
-    data = torch.randint(V, (200_000,), generator=torch.Generator().manual_seed(0))
-    train_data, val_data = data[:180_000], data[180_000:]
-    shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-
-    torch.manual_seed(0)
-    ours_model = GPT(GPTConfig(vocab_size=V, context_size=T, dropout=0.0, bias=True, **shape))
-    trainer = Trainer(ours_model, train_data, val_data, TrainConfig(batch_size=B, context_size=T, warmup_iters=0),
-                      progress=False)  # dtype "auto", fused AdamW: the defaults of `nanogpt-plus train`
-
-    peer = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                      **shape)).train()
-    peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    peer_rng = torch.Generator().manual_seed(1)
-
-    def peer_step():
-        from nanogpt_plus.data import get_batch
-        x, _ = get_batch(train_data, B, T, peer_rng)
-        loss = peer(input_ids=x, labels=x).loss  # transformers shifts the labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
-        peer_opt.step()
-        peer_opt.zero_grad(set_to_none=True)
-
-    def timed(step, n):
-        t = time.perf_counter()
-        for _ in range(n): step()
-        return n * B * T / (time.perf_counter() - t)
-
-    for step in (trainer.train_step, peer_step): timed(step, 2)  # warm-up: allocator, kernels, optimizer state
-    ours, theirs = [], []
-    for _ in range(args.rounds):
-        ours.append(timed(trainer.train_step, args.steps))
-        theirs.append(timed(peer_step, args.steps))
-    ours_tps, peer_tps = statistics.median(ours), statistics.median(theirs)
-
-    n_params = sum(p.numel() for p in ours_model.parameters()) - ours_model.pos_emb.weight.numel()
-    flops_per_token = 6 * n_params + 12 * args.n_layer * args.n_embd * T
-    peak = matmul_peak(trainer.dtype)
-    peak_fp32 = peak if trainer.dtype == torch.float32 else matmul_peak(torch.float32)
+    if args.threads: torch.set_num_threads(args.threads)
+    results = {}
+    for B in args.batch_sizes:
+        results[f"batch_{B}"] = measure(args, B)
+        print(f"batch {B}: {json.dumps(results[f'batch_{B}'])}", file=sys.stderr, flush=True)  # progress
     print(json.dumps({
-        "benchmark": "train_throughput",
-        "ours_tokens_per_s": round(ours_tps, 1), "peer_tokens_per_s": round(peer_tps, 1),
-        "ratio": round(ours_tps / peer_tps, 3),
-        "config": {**shape, "context_size": T, "vocab_size": V, "batch_size": B, "bias": True, "dropout": 0.0},
-        "ours_dtype": str(trainer.dtype).removeprefix("torch."), "peer_dtype": "float32",
-        "ours_mfu": round(ours_tps * flops_per_token / peak, 4),
-        "peer_mfu_vs_fp32_peak": round(peer_tps * flops_per_token / peak_fp32, 4),
-        "matmul_peak_gflops": round(peak / 1e9, 1), "matmul_peak_fp32_gflops": round(peak_fp32 / 1e9, 1),
-        "flops_per_token": flops_per_token, "ours_rounds": [round(x, 1) for x in ours],
-        "peer_rounds": [round(x, 1) for x in theirs], "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "benchmark": "train_throughput", **results,
+        "config": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
+                   "context_size": args.context_size, "vocab_size": 65, "bias": args.bias, "dropout": 0.0},
+        "attention_paths": dict(ATTENTION_PATHS), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.processor() or platform.machine(),
     }))
 
 

@@ -8,13 +8,14 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/attention.html.md"""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['causal_mask', 'Head', 'MultiHeadAttention', 'CausalSelfAttention', 'LayerKVCache', 'KVCache', 'Rotary', 'QKNorm']
+__all__ = ['ATTENTION_PATHS', 'causal_mask', 'Head', 'MultiHeadAttention', 'CausalSelfAttention', 'time_attention_paths', 'measured_attention_path', 'LayerKVCache', 'KVCache', 'Rotary', 'QKNorm']
 
 # %% ../nbs/04_attention.ipynb #1573da5b
 def causal_mask(T: int, past: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -71,18 +72,21 @@ class MultiHeadAttention(nn.Module):
 
 # %% ../nbs/04_attention.ipynb #fcecb762
 def _explicit_attention_is_faster(q: torch.Tensor, cache) -> bool:
-    "Whether to skip the fused kernel: bfloat16 training on a CPU, windows of at most 256 positions."
-    return (cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
-            and q.size(-2) <= 256)
+    "Whether to skip the fused kernel: training on a CPU, small `(T, T)` weights, and the measured choice says so."
+    B, nh, T, _ = q.shape
+    if (cache is not None or q.device.type != "cpu" or not torch.is_grad_enabled() or B * nh * T * T > 2 ** 25
+            or torch.compiler.is_compiling()): return False
+    return measured_attention_path(q.shape, q.dtype) == "explicit"
 
 
 def _explicit_causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
-    "Causal attention written out, `(B, nh, T, hs)` each -> `(B, nh, T, hs)`; the softmax runs in float32."
-    T = q.size(-2)
-    scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T)
-    scores = scores.masked_fill(~causal_mask(T, device=q.device), float("-inf"))
-    weights = F.dropout(scores.float().softmax(dim=-1), dropout_p).to(v.dtype)
-    return weights @ v  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+    "Causal attention written out, `(B, nh, T, hs)` each -> `(B, nh, T, hs)`; the softmax computes in float32."
+    B, nh, T, hs = q.shape
+    q, k, v = (t.reshape(B * nh, T, hs) for t in (q, k, v))  # (B, nh, T, hs) -> (B*nh, T, hs) each
+    mask = torch.zeros(T, T, device=q.device, dtype=q.dtype).masked_fill_(~causal_mask(T, device=q.device), -math.inf)
+    scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=1.0 / math.sqrt(hs))  # (B*nh, T, hs) @ (B*nh, hs, T) -> (B*nh, T, T)
+    weights = F.dropout(scores.softmax(dim=-1), dropout_p)  # bfloat16 in and out, float32 inside
+    return (weights @ v).view(B, nh, T, hs)  # (B*nh, T, T) @ (B*nh, T, hs) -> (B*nh, T, hs) -> (B, nh, T, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -123,6 +127,38 @@ class CausalSelfAttention(nn.Module):
         else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+# %% ../nbs/04_attention.ipynb #1b6d4574
+ATTENTION_PATHS: dict[str, str] = {}  # "dtype (B, nh, T, hs)" -> "explicit" or "fused": measured once per process
+
+
+def time_attention_paths(shape: tuple, dtype: torch.dtype, rounds: int = 3) -> dict[str, float]:
+    "Best seconds of a forward plus backward pass through each causal-attention path at `shape` `(B, nh, T, hs)`."
+    B, nh, T, hs = shape
+    g = torch.Generator().manual_seed(0)  # a generator of its own: measuring must not move the global RNG
+    qkv = torch.randn(B, T, 3, nh, hs, generator=g).to(dtype).requires_grad_()  # laid out as the qkv projection's output
+    grad = torch.randn(B, nh, T, hs, generator=g).to(dtype)
+    paths = {"fused": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+             "explicit": _explicit_causal_attention}
+    times = {name: [] for name in paths}
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for _ in range(rounds + 1):  # the first round warms up; the paths take turns so that load hits both alike
+            for name, attend in paths.items():
+                start = time.perf_counter()
+                q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, T, nh, hs) -> (B, nh, T, hs)
+                attend(q, k, v).backward(grad)
+                times[name].append(time.perf_counter() - start)
+                qkv.grad = None
+    return {name: min(ts[1:]) for name, ts in times.items()}  # other work on the machine only ever adds time
+
+
+def measured_attention_path(shape: tuple, dtype: torch.dtype) -> str:
+    "`explicit` or `fused`: the faster training path at `shape` on this CPU, measured once and kept in `ATTENTION_PATHS`."
+    key = f"{str(dtype).removeprefix('torch.')} {tuple(shape)}"
+    if key not in ATTENTION_PATHS:
+        times = time_attention_paths(tuple(shape), dtype)
+        ATTENTION_PATHS[key] = min(times, key=times.get)
+    return ATTENTION_PATHS[key]
 
 # %% ../nbs/04_attention.ipynb #5ae498be
 class LayerKVCache:

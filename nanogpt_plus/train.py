@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .attention import ATTENTION_PATHS
 from .checkpoint import (CheckpointError, RunLock, load_checkpoint, load_trainer_state, recover,
                                      save_checkpoint)  # load_* are re-exported: train.load_checkpoint is the book's name
 from .data import atomic_write, get_batch
@@ -345,7 +346,8 @@ def trainer_state(t: Trainer) -> dict:
             "tokens_seen": t.tokens_seen, "train_time": t.train_time, "flops": t.flops,
             "config": dataclasses.asdict(t.config),
             "data_tokens": len(t.train_data) + len(t.val_data), "data_sha256": t.data_sha256,
-            "callbacks": {type(cb).__name__: cb.state_dict() for cb in t.callbacks}}
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in t.callbacks},
+            "attention_paths": dict(ATTENTION_PATHS)}  # chapter 4's measured choices: resumed runs keep them
 
 
 def restore_trainer_state(t: Trainer, state: dict) -> None:
@@ -363,6 +365,8 @@ def restore_trainer_state(t: Trainer, state: dict) -> None:
     if state["scaler"]: t.scaler.load_state_dict(state["scaler"])
     t.batch_rng.set_state(state["batch_rng"])
     torch.set_rng_state(state["torch_rng"])
+    paths = state.get("attention_paths") or {}  # the attention kernels used before the stop (older states: none)
+    ATTENTION_PATHS.update({k: v for k, v in paths.items() if v in ("explicit", "fused")} if isinstance(paths, dict) else {})
     if state["cuda_rng"] and t.device.type == "cuda": torch.cuda.set_rng_state_all(state["cuda_rng"])
     t.step, t.tokens_seen, t.train_time = state["step"], state["tokens_seen"], state["train_time"]
     t.flops = state.get("flops", t.flops_per_token * t.tokens_seen)  # older states did not count them
