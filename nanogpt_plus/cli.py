@@ -8,6 +8,7 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/cli.html.md"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
@@ -23,6 +24,8 @@ from .bigram import BigramLanguageModel, check_sampling_args, generate, stream
 from .checkpoint import RunLock, estimate_params, load_checkpoint, load_trainer_state
 from .device import DTYPES, check_memory, resolve_device
 from .data import atomic_write, nanogpt_plus_home, tiny_shakespeare, train_val_split
+from .distributed import (STRATEGIES, DistributedTrainer, Job, gather_model, job_callbacks, joined,
+                                      restore_job_state, torchrun_job)
 from .generate import TextStream, to_decode_layout
 from .gpt import GPT, MLPS, NORMS, OVERFLOW_MODES, POS_EMBS, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
@@ -35,8 +38,8 @@ from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
            'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'SHAPE_FLAGS', 'TRAIN_FIELDS',
            'STOP_STATUS', 'DEFAULT_SEED', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args',
-           'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer', 'shakespeare_path',
-           'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
+           'add_parallel_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer',
+           'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
            'add_generate_args', 'load_model_for', 'start_token', 'generate_command', 'add_prepare_args',
            'prepare_command', 'build_parser', 'parse_args', 'main']
 
@@ -195,9 +198,22 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                      "(default: auto)")
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (slow to start)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_parallel_args(parser)
+
+# %% ../nbs/11_cli.ipynb #333f49d5
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    "The options of `train` for a run of several processes, which torchrun starts (chapter 15)."
+    group = parser.add_argument_group("several processes (start them with `torchrun --nproc-per-node N -m "
+                                      "nanogpt_plus train ...`; chapter 15)")
+    group.add_argument("--parallel", choices=STRATEGIES, help="ddp: every process holds the whole model, the gradients "
+                       "are averaged; fsdp: weights, gradients and optimizer state are split across the processes "
+                       "(default under torchrun: ddp; without torchrun there is one process)")
+    group.add_argument("--dist-timeout", type=positive_float, metavar="S", help="seconds a process waits for the "
+                       "others before it gives up on them (default: 600)")
 
 # %% ../nbs/11_cli.ipynb #4014dde1
-_NOT_SETTINGS = ("help", "config", "out_dir", "resume", "overwrite", "no_progress", "func", "command")
+_NOT_SETTINGS = ("help", "config", "out_dir", "resume", "overwrite", "no_progress", "func", "command", "parallel",
+                 "dist_timeout")
 
 
 def recipes() -> list[str]:
@@ -364,12 +380,18 @@ def _resume(out: Path, args, given: dict):
 def train_command(args) -> int:
     "Run `nanogpt-plus train` with parsed `args`; returns the exit status."
     _check_train_args(args)
-    device = resolve_device(args.device or "auto")
+    job = torchrun_job(args.parallel, args.device or "auto", args.dist_timeout or 600.0)  # None: one plain process
+    with joined(job): return _train(args, job)
+
+
+def _train(args, job: Job | None) -> int:
+    main = job is None or job.main  # the process that writes files and reports
+    device = job.device if job else resolve_device(args.device or "auto")
     out = Path(args.out_dir) if args.out_dir else default_out_dir(args)
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f, None) is not None}
     if args.resume and not (out / "config.json").exists():
         raise FileNotFoundError(f"nothing to resume in {out}: it holds no checkpoint; train without --resume first")
-    with RunLock(out):
+    with RunLock(out) if main else contextlib.nullcontext():
         state = None
         if args.resume: model, tokenizer, state, config = _resume(out, args, given)
         elif (out / "config.json").exists() and not args.overwrite:
@@ -383,28 +405,41 @@ def train_command(args) -> int:
             context = {} if args.model == "bigram" else {"context_size": model.config.context_size}
             config = TrainConfig(**{**preset, **context, **given})
         train_data, val_data = train_val_split(cut_to_fraction(ids, args.dataset_fraction or 1.0, config.context_size), 0.1)
-        trainer = Trainer(model, train_data, val_data, config, device,
-                          standard_callbacks(config, out, tokenizer, progress=not args.no_progress))
-        if state is not None: restore_trainer_state(trainer, state)
-        write_run_config(out / "run.toml", args)
-        print(f"{'resuming' if state else 'training'} {args.model} ({sum(p.numel() for p in model.parameters()):,} "
-              f"parameters) on {len(train_data) + len(val_data):,} tokens ({tokenizer_name(tokenizer)}); {device}, "
-              f"{str(trainer.dtype).removeprefix('torch.')}; checkpoints in {out}", file=sys.stderr)
+        n_params = sum(p.numel() for p in model.parameters())
+        if job is None:
+            trainer = Trainer(model, train_data, val_data, config, device,
+                              standard_callbacks(config, out, tokenizer, progress=not args.no_progress))
+            if state is not None: restore_trainer_state(trainer, state)
+        else:
+            trainer = DistributedTrainer(model, train_data, val_data, config, job,
+                                         job_callbacks(config, job, out, tokenizer, progress=not args.no_progress))
+            if state is not None: restore_job_state(trainer, state)
+        if main:
+            write_run_config(out / "run.toml", args)
+            print(f"{'resuming' if state else 'training'} {args.model} ({n_params:,} parameters) on "
+                  f"{len(train_data) + len(val_data):,} tokens ({tokenizer_name(tokenizer)}); {device}, "
+                  f"{str(trainer.dtype).removeprefix('torch.')}"
+                  f"{f'; {job.world_size} processes ({job.strategy})' if job else ''}; checkpoints in {out}",
+                  file=sys.stderr)
         trainer.fit()
         return _finish(trainer, out, val_data)
 
-
+# %% ../nbs/11_cli.ipynb #563edcc8
 def _finish(trainer: Trainer, out: Path, val_data) -> int:
+    job = getattr(trainer, "job", None)
+    main = job is None or job.main
     if trainer.stop_reason == "diverged":
         saved = next(cb.saved for cb in trainer.callbacks if isinstance(cb, Checkpoint))  # its last save, or where it began
         kept = (f"the last good checkpoint (step {saved}) is in {out}: lower --learning-rate and --resume" if saved else
                 "it had saved no checkpoint yet: start again with a lower --learning-rate (and --overwrite)")
         raise ValueError(f"the training loss became infinite or NaN by step {trainer.step}, so the run stopped; {kept}")
     if trainer.stop_reason in STOP_STATUS:
-        print(f"{trainer.stop_reason} at step {trainer.step}: checkpoint saved in {out}; continue with --resume",
-              file=sys.stderr)
+        if main: print(f"{trainer.stop_reason} at step {trainer.step}: checkpoint saved in {out}; continue with --resume",
+                       file=sys.stderr)
         return STOP_STATUS[trainer.stop_reason]
-    val = evaluate(trainer.model, val_data, trainer.config.context_size, device=trainer.device, dtype=trainer.dtype)
+    model = trainer.model if job is None else gather_model(trainer)  # the whole model, on process 0
+    if not main: return 0
+    val = evaluate(model.to(trainer.device), val_data, trainer.config.context_size, dtype=trainer.dtype)
     trainer.log({"step": trainer.step, "val_loss_full": val})
     print(f"done: {trainer.step} steps, {trainer.train_time:.0f} s of training; validation loss {val:.4f} "
           f"(whole split); checkpoint in {out}")
