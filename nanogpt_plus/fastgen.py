@@ -172,7 +172,7 @@ int64_t read_memory(const int64_t *p, int64_t n) {
 """
 DECODE_KERNEL_SOURCE = _SIMD + _MATVEC
 
-
+# %% ../nbs/16_fast_generation.ipynb #391d996c
 def block_rows(w: torch.Tensor) -> torch.Tensor:
     "`w (N, K)` in the kernels' layout `(N/4, K/C, 4, C)`: blocks of four rows, `C` values (64 bytes) of each in turn."
     C = 64 // w.element_size()
