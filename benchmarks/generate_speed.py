@@ -1,15 +1,25 @@
-"""Generation speed: our GPT with its key-value cache against Hugging Face `transformers`, same process.
+"""Generation speed against the memory-bandwidth roofline, and against Hugging Face `transformers`, in one process.
 
-GPT-2 124M architecture, random weights, fp32, a 16-token prompt, 200 new greedy tokens, batch 1, CPU.
-Prints one JSON line: ours_tokens_per_s (with the cache), peer_tokens_per_s (`GPT2LMHeadModel.generate`
-with its cache), ratio (ours / peer), cache_speedup (ours with / ours without the cache), our speed with
-the default row-major weight layout (ours uses `to_decode_layout`, as the CLI does) and with bf16 weights. Both models get the same weights (copied from the peer), so their greedy tokens must
-agree: the script checks it, so the two sides provably do the same work.
+GPT-2 124M architecture with random weights (the same weights in both models), a 16-token prompt, 200 new tokens,
+greedy decoding, batch 1, CPU. Every round times each variant once, in turn, and reads a 256 MB buffer twice (chapter 16's
+prefetching reader and torch's sum; the faster counts) to measure the memory bandwidth of that moment; the results are medians over rounds, and each ratio is the median of the ratios within
+rounds, so a change of machine load (other jobs) hits both sides of a ratio alike.
 
-    python benchmarks/generate_speed.py [--new-tokens 200] [--no-cache-off] [--no-bf16] [--threads N]
+Variants: ours, prepared as `nanogpt-plus generate --dtype D --use-kv-cache` does (chapter 16's `prepare_decoding` and
+`FastDecoder`: C kernels where they build), with float32, bfloat16 and int8 (weight-only, one scale per output
+channel) weights; optionally the same through PyTorch's kernels, and the float32 step under torch.compile; the peer's
+`GPT2LMHeadModel.generate` in float32 with its cache. For each of ours: tokens/s, the ratio to the peer, the bytes
+one token reads (weights and key-value cache), the roofline (bandwidth / bytes per token) and the fraction of it
+reached, and the fraction of greedy tokens equal to our float32 tokens (float32 itself must equal the peer's).
+
+    python benchmarks/generate_speed.py [--new-tokens 200] [--rounds 5] [--threads N] [--clock wall|cpu]
+                                        [--dtypes float32,bfloat16,int8] [--torch-kernels] [--no-peer] [--compile]
+
+Prints one JSON line (progress goes to stderr).
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -18,85 +28,6 @@ import torch
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
-
-
-def timed(fn, repeats=1):
-    "Best wall time of `repeats` calls of `fn` (seconds) and its last result."
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant (best is kept)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--no-cache-off", action="store_true", help="skip the slow run without the cache")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the run with bf16 weights")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
-
-    from nanogpt_plus.generate import generate, to_decode_layout
-    from nanogpt_plus.gpt import GPT, GPTConfig
-
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(0)
-    peer = GPT2LMHeadModel(GPT2Config()).eval()  # 124M: 12 layers, 12 heads, 768 wide, context 1024
-    ours = GPT(GPTConfig.from_name("gpt2")).eval()
-    copy_weights(peer, ours)
-    ours_row_major = GPT(ours.config).eval()  # the default layout, for comparison
-    ours_row_major.load_state_dict(ours.state_dict())
-    to_decode_layout(ours)  # what `nanogpt-plus generate` does: column-major weights for one-token steps
-
-    n, T0 = args.new_tokens, args.prompt_tokens
-    idx = torch.randint(0, 50257, (1, T0), generator=torch.Generator().manual_seed(1))
-
-    def run_peer(k=n):
-        return peer.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=k, min_new_tokens=k,
-                             do_sample=False, use_cache=True, pad_token_id=0)
-
-    def run_ours(k=n, model=ours, cache=True):
-        return generate(model, idx, k, temperature=0, use_kv_cache=cache)
-
-    with torch.inference_mode():
-        run_peer(8), run_ours(8)  # warm-up: first calls allocate and pick kernels
-        t_peer, out_peer = timed(run_peer, args.repeats)
-        log(f"transformers: {n / t_peer:.2f} tokens/s")
-        t_ours, out_ours = timed(run_ours, args.repeats)
-        log(f"ours, cache: {n / t_ours:.2f} tokens/s")
-        same = torch.equal(out_peer, out_ours)
-        result = dict(ours_tokens_per_s=round(n / t_ours, 2), peer_tokens_per_s=round(n / t_peer, 2),
-                      ratio=round(t_peer / t_ours, 3))
-        t_rm, out_rm = timed(lambda: run_ours(model=ours_row_major), 1)
-        result["ours_row_major_tokens_per_s"] = round(n / t_rm, 2)
-        same = same and torch.equal(out_rm, out_ours)
-        if not args.no_cache_off:
-            t_off, out_off = timed(lambda: run_ours(cache=False), 1)
-            result["cache_speedup"] = round(t_off / t_ours, 2)
-            result["ours_no_cache_tokens_per_s"] = round(n / t_off, 2)
-            log(f"ours, no cache: {n / t_off:.2f} tokens/s")
-            same = same and torch.equal(out_off, out_ours)
-        if not args.no_bf16:
-            ours_bf16 = GPT(ours.config).eval()
-            ours_bf16.load_state_dict(ours.state_dict())
-            to_decode_layout(ours_bf16.to(torch.bfloat16))
-            run_ours(8, ours_bf16)
-            t_bf16, out_bf16 = timed(lambda: run_ours(model=ours_bf16), args.repeats)
-            result["ours_bf16_tokens_per_s"] = round(n / t_bf16, 2)
-            result["bf16_same_tokens_frac"] = round((out_bf16 == out_ours)[:, T0:].float().mean().item(), 3)
-    fp32_bytes = sum(p.numel() * 4 for p in ours.parameters()) - ours.pos_emb.weight.numel() * 4
-    result.update(same_tokens=bool(same), new_tokens=n, prompt_tokens=T0, threads=torch.get_num_threads(),
-                  weight_mb_per_token_fp32=round(fp32_bytes / 1e6, 1))
-    print(json.dumps(result))
 
 
 def copy_weights(peer, ours):
@@ -116,6 +47,108 @@ def copy_weights(peer, ours):
                 mine.bias.copy_(sd[p + theirs + ".bias"])
         ours.ln_f.weight.copy_(sd["transformer.ln_f.weight"])
         ours.ln_f.bias.copy_(sd["transformer.ln_f.bias"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians over them)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8", help="our variants, comma-separated")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    ap.add_argument("--compile", action="store_true", help="also time our float32 decode step under torch.compile")
+    ap.add_argument("--torch-kernels", action="store_true", help="also time each format through PyTorch's kernels "
+                    "instead of chapter 16's C kernels")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall-clock time, or the CPU time of "
+                    "this thread (one thread only: on a shared machine it leaves out the time other jobs held the core)")
+    args = ap.parse_args()
+    if args.clock == "cpu": args.threads = 1  # the CPU time of one thread is the whole computation only with one
+    if args.threads: torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+
+    from nanogpt_plus.bigram import generate
+    from nanogpt_plus.fastgen import FastDecoder, kv_cache_bytes, prepare_decoding, read_probe, weight_bytes
+    from nanogpt_plus.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    peer = None
+    ours = GPT(GPTConfig.from_name("gpt2")).eval()
+    if not args.no_peer:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        peer = GPT2LMHeadModel(GPT2Config()).eval()  # 124M: 12 layers, 12 heads, 768 wide, context 1024
+        copy_weights(peer, ours)
+    n, T0 = args.new_tokens, args.prompt_tokens
+    idx = torch.randint(0, 50257, (1, T0), generator=torch.Generator().manual_seed(1))
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    variants = {}
+    for d in dtypes:  # each from a copy of the float32 weights, prepared as `nanogpt-plus generate --dtype d` does
+        m = GPT(ours.config).eval()
+        m.load_state_dict(ours.state_dict())
+        variants[d] = prepare_decoding(m, d)
+        if args.torch_kernels:
+            m = GPT(ours.config).eval()
+            m.load_state_dict(ours.state_dict())
+            variants[d + "+torch_kernels"] = prepare_decoding(m, d, kernel=False)
+    if args.compile and "float32" in variants: variants["float32+compile"] = variants["float32"]
+    del ours
+
+    def run_ours(name, k=n):
+        model = variants[name]
+        return generate(model, idx, k, temperature=0, decoder=FastDecoder(model, 1, compile=name.endswith("compile")))
+
+    def run_peer(k=n):
+        return peer.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=k, min_new_tokens=k,
+                             do_sample=False, use_cache=True, pad_token_id=0)
+
+    probe = 2**28  # bytes: far more than any cache holds
+    runs = {name: (lambda name=name: run_ours(name)) for name in variants}
+    if peer is not None: runs["transformers"] = run_peer
+    runs["bandwidth"] = read_probe(probe, kernel=True)  # reads as the kernels do, prefetching (sum where no kernels)
+    runs["bandwidth_sum"] = read_probe(probe)  # torch's sum over the buffer, for reference
+    times, outs = {k: [] for k in runs}, {}
+    with torch.inference_mode():
+        for name, f in runs.items():  # warm-up: first calls allocate, pick kernels (and compile)
+            t0 = time.perf_counter()
+            f() if name.startswith("bandwidth") else (run_peer(4) if name == "transformers" else run_ours(name, 4))
+            log(f"warm-up {name}: {time.perf_counter() - t0:.1f} s")
+        for r in range(args.rounds):
+            for name, f in runs.items():
+                t0 = clock()
+                outs[name] = f()
+                times[name].append(clock() - t0)
+            log(f"round {r + 1}: " + ", ".join(f"{k} {n / v[-1]:.1f} tok/s" for k, v in times.items()
+                                              if not k.startswith("bandwidth"))
+                + f", bandwidth {probe / min(times['bandwidth'][-1], times['bandwidth_sum'][-1]) / 1e9:.1f} GB/s")
+
+    bw = [probe / min(a, b) for a, b in zip(times["bandwidth"], times["bandwidth_sum"])]  # the faster probe, per round
+    result = {"bandwidth_gb_s": round(statistics.median(bw) / 1e9, 2),
+              "bandwidth_sum_gb_s": round(statistics.median(probe / t for t in times["bandwidth_sum"]) / 1e9, 2)}
+    if peer is not None: result["transformers_tokens_per_s"] = round(n / statistics.median(times["transformers"]), 2)
+    reference = outs.get("float32")
+    for name in variants:
+        model = variants[name]
+        # bytes per generated token: the weights once, plus the keys and values read back at the mean position
+        per_token = weight_bytes(model) + kv_cache_bytes(model, T0 + n // 2)
+        roofline = [b / per_token for b in bw]  # tokens/s if the step did nothing but read its bytes, per round
+        speed = [n / t for t in times[name]]
+        res = {"tokens_per_s": round(statistics.median(speed), 2),
+               "mb_per_token": round(per_token / 1e6, 1),
+               "roofline_tokens_per_s": round(statistics.median(roofline), 1),
+               "roofline_fraction": round(statistics.median(s / r for s, r in zip(speed, roofline)), 3)}
+        if peer is not None:
+            res["ratio_to_transformers_fp32"] = round(statistics.median(
+                p / o for p, o in zip(times["transformers"], times[name])), 3)
+        if reference is not None and name != "float32":
+            res["same_greedy_tokens_as_fp32"] = round((outs[name] == reference)[:, T0:].float().mean().item(), 3)
+        result[name] = res
+    if peer is not None and reference is not None:
+        result["fp32_tokens_equal_transformers"] = bool(torch.equal(reference, outs["transformers"]))
+    result.update(clock=args.clock, new_tokens=n, prompt_tokens=T0, rounds=args.rounds, threads=torch.get_num_threads(),
+                  torch=torch.__version__)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`nanogpt-plus train`, `generate` and `prepare`: the book's models without writing Python, configured by flags or by a TOML file.
+"""`nanogpt-plus train`, `generate`, `prepare` and `quantize`: the book's models without writing Python, configured by flags or by a TOML file.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/cli.html.md"""
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -26,6 +27,7 @@ from .device import DTYPES, check_memory, resolve_device
 from .data import atomic_write, nanogpt_plus_home, tiny_shakespeare, train_val_split
 from .distributed import (STRATEGIES, DistributedTrainer, Job, gather_model, job_callbacks, joined,
                                       restore_job_state, torchrun_job)
+from .fastgen import FastDecoder, load_quantized, prepare_decoding, save_quantized, weight_bytes
 from .generate import TextStream, to_decode_layout
 from .gpt import GPT, MLPS, NORMS, OVERFLOW_MODES, POS_EMBS, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
@@ -37,11 +39,12 @@ from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_
 # %% auto #0
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
            'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'SHAPE_FLAGS', 'TRAIN_FIELDS',
-           'STOP_STATUS', 'DEFAULT_SEED', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args',
-           'add_parallel_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer',
-           'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
-           'add_generate_args', 'load_model_for', 'start_token', 'generate_command', 'add_prepare_args',
-           'prepare_command', 'build_parser', 'parse_args', 'main']
+           'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer',
+           'add_train_args', 'add_parallel_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config',
+           'new_tokenizer', 'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir',
+           'train_command', 'add_generate_args', 'load_model_for', 'start_token', 'generation_model',
+           'generate_command', 'add_prepare_args', 'prepare_command', 'add_quantize_args', 'quantize_command',
+           'build_parser', 'parse_args', 'main']
 
 # %% ../nbs/11_cli.ipynb #78cad1c9
 GPT_SIZES = tuple(name for name in PRESETS if name not in GPT2_HUB_REPOS)  # the character-level presets
@@ -447,6 +450,7 @@ def _finish(trainer: Trainer, out: Path, val_data) -> int:
 
 # %% ../nbs/11_cli.ipynb #efc8ea30
 DEFAULT_SEED = 42  # what --fix-seed uses
+GENERATE_DTYPES = ["float32", "bfloat16", "float16", "int8"]  # generate --dtype
 
 
 def add_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -475,8 +479,9 @@ def add_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                      "tokens, much faster")
     run.add_argument("--overflow", default="exact", choices=list(OVERFLOW_MODES), help="with the cache, past the context "
                      "window: exact recomputation or the faster approximate 'half' (default: %(default)s)")
-    run.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights for inference; bfloat16 halves "
-                     "their memory (default: %(default)s)")
+    run.add_argument("--dtype", choices=GENERATE_DTYPES, help="format of the weights: bfloat16 and int8 read 2x and 4x "
+                     "fewer bytes per token, so they generate faster (GPT; chapter 16); float16 for GPUs (default: "
+                     "float32, or what a checkpoint written by `quantize` holds)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     return parser
 
@@ -514,13 +519,36 @@ def start_token(tokenizer) -> int:
     try: return tokenizer.encode("\n")[-1]
     except (ValueError, KeyError, IndexError): return 0 if eot is None else eot
 
+# %% ../nbs/11_cli.ipynb #e772a0af
+def _saved_weights(directory: Path) -> str | None:
+    "The weight format a checkpoint was quantized to by `nanogpt-plus quantize`, or None for an ordinary checkpoint."
+    try: return json.loads((directory / "config.json").read_text()).get("weights")
+    except (OSError, ValueError, AttributeError): return None  # loading will say what is wrong with it
+
+
+def generation_model(args, device: torch.device):
+    "The `(model, tokenizer)` that `args` point to, with weights in `--dtype`, ready for generation."
+    ckpt = None if args.gpt2_config else Path(args.checkpoint) if args.checkpoint else default_out_dir(args)
+    saved = _saved_weights(ckpt) if ckpt is not None else None
+    if saved is not None:
+        if args.dtype not in (None, saved):
+            raise ValueError(f"{ckpt} holds {saved} weights (written by `nanogpt-plus quantize`): drop --dtype or pass "
+                             f"--dtype {saved}, or quantize the original checkpoint to {args.dtype}")
+        return load_quantized(ckpt, device)
+    dtype = args.dtype or "float32"
+    model, tokenizer = load_model_for(args, device)
+    if args.model == "bigram":
+        if dtype == "int8": raise ValueError("int8 weights are for GPTs: the bigram is one lookup table; use another --dtype")
+        return model.to(device=device, dtype=DTYPES[dtype]).eval(), tokenizer
+    if dtype == "float16": return to_decode_layout(model.to(device=device, dtype=torch.float16).eval()), tokenizer
+    return prepare_decoding(model.to(device), dtype), tokenizer
+
 # %% ../nbs/11_cli.ipynb #6e866d09
 def generate_command(args) -> int:
     "Run `nanogpt-plus generate` with parsed `args`; print the samples to stdout."
     _check_generate_args(args)
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    model, tokenizer = load_model_for(args, device, dtype)
-    model = to_decode_layout(model.to(device=device, dtype=dtype).eval())  # generation only: never saved
+    device = resolve_device(args.device)
+    model, tokenizer = generation_model(args, device)  # generation only: never saved
     prompt = args.continue_tokens or ""
     try: ids = tokenizer.encode(prompt) if prompt else [start_token(tokenizer)]
     except ValueError as e: raise ValueError(f"the prompt cannot be encoded by this model's tokenizer: {e}") from None
@@ -532,7 +560,7 @@ def generate_command(args) -> int:
     g.manual_seed(seed) if seed is not None else g.seed()  # no seed: a fresh random one
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)  # (N, T)
     opts = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g)
-    if args.model == "gpt": opts |= dict(use_kv_cache=args.use_kv_cache, overflow=args.overflow)
+    if args.model == "gpt" and args.use_kv_cache: opts["decoder"] = FastDecoder(model, args.num_samples, args.overflow)
     if args.num_samples == 1:  # stream: print each token as it comes
         text = TextStream(tokenizer)
         sys.stdout.write(prompt)
@@ -569,9 +597,39 @@ def prepare_command(args) -> int:
           f"{time.perf_counter() - start:.0f} s; train on them with `nanogpt-plus train gpt --data {out}`")
     return 0
 
+# %% ../nbs/11_cli.ipynb #2d25be75
+def add_quantize_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Declare the options of `nanogpt-plus quantize gpt` on `parser`."
+    parser.add_argument("model", choices=["gpt"], help="the kind of model (GPTs only: the bigram is one small table)")
+    src = parser.add_argument_group("the model to quantize (one of these)")
+    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory written by `train --out-dir DIR`")
+    src.add_argument("--gpt2-config", metavar="NAME_OR_DIR", help=f"OpenAI GPT-2 weights: {', '.join(GPT2_CONFIGS)} "
+                     "or a local directory")
+    parser.add_argument("--dtype", choices=["int8", "bfloat16"], default="int8", help="int8: a quarter of the float32 "
+                        "bytes, one scale per output channel; bfloat16: half (default: %(default)s)")
+    parser.add_argument("--out-dir", metavar="DIR", required=True, help="the directory to write the checkpoint to")
+    return parser
+
+
+def quantize_command(args) -> int:
+    "Run `nanogpt-plus quantize` with parsed `args`."
+    if (args.checkpoint is None) == (args.gpt2_config is None):
+        raise ValueError("pass one of --checkpoint DIR and --gpt2-config NAME: the model to quantize")
+    out = Path(args.out_dir)
+    if (out / "config.json").exists(): raise ValueError(f"{out} already holds a checkpoint: choose another --out-dir")
+    if args.checkpoint and _saved_weights(Path(args.checkpoint)):
+        raise ValueError(f"{args.checkpoint} is already quantized: quantize the float32 checkpoint it came from")
+    model, tokenizer = (load_gpt2(args.gpt2_config) if args.gpt2_config else load_checkpoint(args.checkpoint, kind="gpt"))
+    n, before = model.num_params(), weight_bytes(model)
+    model = prepare_decoding(model, args.dtype, kernel=False)  # the kernel is chosen again when it is loaded
+    with RunLock(out): save_quantized(out, model, tokenizer)
+    print(f"{args.dtype} weights of a GPT of {n:,} parameters in {out}: {weight_bytes(model) / 1e6:.3g} MB read per "
+          f"token instead of {before / 1e6:.3g}; sample with `nanogpt-plus generate gpt --checkpoint {out}`")
+    return 0
+
 # %% ../nbs/11_cli.ipynb #8d2bb39d
 def build_parser() -> argparse.ArgumentParser:
-    "The `nanogpt-plus` argument parser with its `train`, `generate` and `prepare` commands."
+    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare` and `quantize` commands."
     parser = argparse.ArgumentParser(prog="nanogpt-plus", description="Train small GPT language models on a text file "
                                      "and sample from them.", epilog="`nanogpt-plus COMMAND --help` lists a command's "
                                      "options. Exit status: 0 done, 2 error, 130 stopped by Ctrl-C, 143 by SIGTERM.")
@@ -588,7 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Tokenize a text file into a token directory that training reads through a "
                           "memory map: corpora larger than memory, in bounded memory.")
     add_prepare_args(prep).set_defaults(func=prepare_command)
-    parser.subcommands = {"train": train, "generate": gen, "prepare": prep}
+    quant = sub.add_parser("quantize", help="convert a GPT to bf16 or int8 weights once, for faster `generate`",
+                           description="Save a GPT (a checkpoint or GPT-2's weights) with bf16 or int8 weights as a "
+                           "checkpoint that `generate --checkpoint DIR` loads directly.")
+    add_quantize_args(quant).set_defaults(func=quantize_command)
+    parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "quantize": quant}
     return parser
 
 
