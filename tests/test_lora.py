@@ -3,6 +3,11 @@ that touches only the adapters, exact resumes from our checkpoints and from a ti
 import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -261,6 +266,28 @@ def test_lora_resume_20_plus_20_equals_40(tmp_path, texts, base_dir):
     assert load_trainer_state(tmp_path / "split")["step"] == 40
     assert not (tmp_path / "split" / "model.safetensors").exists()
     assert (tmp_path / "split" / "adapter.safetensors").stat().st_size < 20_000  # kilobytes, not the model
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_resumable_adapter(tmp_path, texts, base_dir, sig, status):
+    "Ctrl-C or SIGTERM in a real process: the run stops at a step boundary with a resumable adapter checkpoint."
+    out = tmp_path / "lora"
+    argv = ["train", "gpt", "--init-from", base_dir, "--use-lora", "--data", texts / "romeo.txt", "--max-iters", 1_000_000,
+            "--out-dir", out, *FAST]
+    p = subprocess.Popen([sys.executable, "-m", "nanogpt_plus", *map(str, argv)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.2)  # wait until it is really training
+    p.send_signal(sig)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == status and "Traceback" not in stderr and "--resume" in stderr, stderr
+    step = load_trainer_state(out)["step"]
+    assert step >= 10 and not (out / "model.safetensors").exists()
+    status, err = main("train", "gpt", "--data", texts / "romeo.txt", "--max-iters", step + 5, "--out-dir", out,
+                       "--resume", *FAST)
+    assert status == 0, err
+    assert load_trainer_state(out)["step"] == step + 5
 
 
 def test_generate_from_an_adapter_equals_generate_from_the_merged_model(tmp_path, texts, base_dir, capsys):
