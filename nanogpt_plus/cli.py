@@ -22,7 +22,8 @@ import torch
 
 from . import __version__
 from .bigram import BigramLanguageModel, check_sampling_args, generate, stream
-from .checkpoint import RunLock, estimate_params, load_checkpoint, load_trainer_state
+from .checkpoint import (RunLock, estimate_params, load_checkpoint, load_trainer_state,
+                                     save_checkpoint)
 from .device import DTYPES, check_memory, resolve_device
 from .data import atomic_write, nanogpt_plus_home, tiny_shakespeare, train_val_split
 from .distributed import (STRATEGIES, DistributedTrainer, Job, gather_model, job_callbacks, joined,
@@ -31,6 +32,8 @@ from .fastgen import FastDecoder, load_quantized, prepare_decoding, save_quantiz
 from .generate import TextStream, to_decode_layout
 from .gpt import GPT, MLPS, NORMS, OVERFLOW_MODES, POS_EMBS, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
+from .lora import (adapter_callbacks, add_lora, base_source, is_adapter, load_adapted, load_base,
+                               lora_layers, read_adapter_config, strip_lora)
 from .tokenizer import GPT2Tokenizer
 from .tokens import bpe_vocabulary, char_vocabulary, encode_file, load_tokens, prepare_tokens
 from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_state,
@@ -38,13 +41,14 @@ from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_
 
 # %% auto #0
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
-           'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'SHAPE_FLAGS', 'TRAIN_FIELDS',
-           'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer',
-           'add_train_args', 'add_parallel_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config',
-           'new_tokenizer', 'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir',
-           'train_command', 'add_generate_args', 'load_model_for', 'start_token', 'generation_model',
-           'generate_command', 'add_prepare_args', 'prepare_command', 'add_quantize_args', 'quantize_command',
-           'build_parser', 'parse_args', 'main']
+           'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS', 'SHAPE_FLAGS',
+           'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'tokenizer_spec',
+           'tokenizer_name', 'same_tokenizer', 'add_train_args', 'add_parallel_args', 'recipes', 'read_run_config',
+           'config_defaults', 'write_run_config', 'new_tokenizer', 'shakespeare_path', 'load_training_data',
+           'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command', 'add_generate_args', 'load_model_for',
+           'start_token', 'generation_model', 'generate_command', 'add_prepare_args', 'prepare_command',
+           'add_quantize_args', 'quantize_command', 'add_merge_args', 'merge_command', 'build_parser', 'parse_args',
+           'main']
 
 # %% ../nbs/11_cli.ipynb #78cad1c9
 GPT_SIZES = tuple(name for name in PRESETS if name not in GPT2_HUB_REPOS)  # the character-level presets
@@ -148,6 +152,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     opt.add_argument("--grad-clip", type=non_negative_float, metavar="NORM", help="clip the gradient norm to NORM, 0: off (default: 1.0)")
     opt.add_argument("--seed", type=int, metavar="S", help="random seed for initialisation, batches and dropout (default: 1337)")
     _add_modern_args(parser)
+    _add_finetune_args(parser)
     _add_run_args(parser)
     return parser
 
@@ -213,6 +218,25 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
                        "(default under torchrun: ddp; without torchrun there is one process)")
     group.add_argument("--dist-timeout", type=positive_float, metavar="S", help="seconds a process waits for the "
                        "others before it gives up on them (default: 600)")
+
+# %% ../nbs/11_cli.ipynb #19a41372
+LORA_DEFAULTS = dict(rank=8, alpha=16.0, dropout=0.0, targets="attn,mlp")
+
+
+def _add_finetune_args(parser: argparse.ArgumentParser) -> None:
+    "The options of `train gpt` that start from a pre-trained model, with or without LoRA."
+    ft = parser.add_argument_group("fine-tuning (ignored with --resume, which keeps the saved run's)")
+    ft.add_argument("--init-from", metavar="DIR_OR_NAME", help="start from a pre-trained GPT: a checkpoint directory, "
+                    f"OpenAI's {', '.join(GPT2_CONFIGS)}, or a directory saved by transformers' save_pretrained; without "
+                    "--use-lora every weight is trained. With --resume: where a LoRA run's base is now, if it moved")
+    ft.add_argument("--use-lora", action="store_true", default=None, help="freeze the model and train low-rank "
+                    "adapters (LoRA); checkpoints then hold the adapter alone")
+    ft.add_argument("--lora-rank", type=positive_int, metavar="R", help=f"rank of the adapters (default: {LORA_DEFAULTS['rank']})")
+    ft.add_argument("--lora-alpha", type=positive_float, metavar="A", help="the adapters' update is scaled by A / R "
+                    f"(default: {LORA_DEFAULTS['alpha']:g})")
+    ft.add_argument("--lora-dropout", type=probability, metavar="P", help="dropout on the adapters' input (default: 0)")
+    ft.add_argument("--lora-targets", metavar="NAMES", help="comma-separated parts of the names of the linear layers "
+                    f"to adapt: attn, mlp, qkv, proj, fc, blocks.N, ... (default: {LORA_DEFAULTS['targets']}: all of them)")
 
 # %% ../nbs/11_cli.ipynb #4014dde1
 _NOT_SETTINGS = ("help", "config", "out_dir", "resume", "overwrite", "no_progress", "func", "command", "parallel",
@@ -362,7 +386,52 @@ def new_model(args, tokenizer, device: torch.device, batch_size: int):
 
 def default_out_dir(args) -> Path:
     "`checkpoints/bigram` or `checkpoints/gpt-<size>`: where `generate --size` looks by default."
+    if getattr(args, "init_from", None):  # a fine-tuning run: checkpoints/<base>-lora or checkpoints/<base>-finetune
+        return Path("checkpoints") / f"{Path(args.init_from).name}-{'lora' if args.use_lora else 'finetune'}"
     return Path("checkpoints") / ("bigram" if args.model == "bigram" else f"gpt-{args.gpt2_config or args.size or 'small'}")
+
+# %% ../nbs/11_cli.ipynb #a4f13832
+FINETUNE_PRESETS = {  # defaults of `train gpt --init-from`, without and with --use-lora; flags override them
+    "full": dict(max_iters=500, batch_size=16, learning_rate=1e-4, warmup_iters=20, eval_interval=100),
+    "lora": dict(max_iters=500, batch_size=16, learning_rate=1e-3, warmup_iters=20, weight_decay=0.0, eval_interval=100),
+}
+
+
+def _check_finetune_args(args) -> None:
+    lora = [f for f in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets") if getattr(args, f) is not None]
+    if lora and not args.use_lora: raise ValueError(f"--{lora[0].replace('_', '-')} configures LoRA: add --use-lora")
+    if args.resume: return  # the saved run decides
+    if args.use_lora and not args.init_from:
+        raise ValueError("--use-lora adapts a pre-trained model: name it with --init-from DIR_OR_GPT2_NAME (LoRA on a "
+                         "fresh model would freeze random weights)")
+    if args.init_from and args.model != "gpt": raise ValueError("--init-from starts from a pre-trained GPT: use `train gpt`")
+    shape = [f for f in ("size", "gpt2_config", "n_layer", "n_head", "n_embd", "dropout") if getattr(args, f) is not None]
+    if args.init_from and shape:
+        raise ValueError(f"--{shape[0].replace('_', '-')} describes a new model, but --init-from starts from one that "
+                         "has its shape already: drop it")
+
+
+def _train_preset(args) -> dict:
+    if args.init_from: return FINETUNE_PRESETS["lora" if args.use_lora else "full"]
+    return TRAIN_PRESETS["bigram" if args.model == "bigram" else "gpt2" if args.gpt2_config else args.size or "small"]
+
+
+def _fine_tune_model(args, model: GPT, device: torch.device, batch_size: int) -> GPT:
+    "The pre-trained `model` made ready to train: with LoRA adapters for --use-lora; refused if it cannot fit."
+    if args.use_lora:
+        lora = {k: v if getattr(args, f"lora_{k}") is None else getattr(args, f"lora_{k}") for k, v in LORA_DEFAULTS.items()}
+        add_lora(model, lora["rank"], lora["alpha"], lora["dropout"], [t.strip() for t in lora["targets"].split(",") if t.strip()])
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)  # each gets a gradient and two AdamW moments
+    C, V = model.config.context_size, model.config.vocab_size
+    check_memory(12 * n + 8 * batch_size * C * V, device, f"fine-tuning {n:,} parameters")
+    return model
+
+
+def _adapter_base(args, out: Path, base) -> dict:
+    "The identity of the base a LoRA run adapts: the one just loaded, or the one its checkpoint names (maybe moved)."
+    if base is not None: return base[2]
+    recorded = read_adapter_config(out)["base"]
+    return recorded | {"source": base_source(args.init_from)} if args.init_from else recorded
 
 # %% ../nbs/11_cli.ipynb #d0145536
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -370,7 +439,8 @@ STOP_STATUS = {"interrupted": 130, "terminated": 143}  # what shells report for 
 
 
 def _resume(out: Path, args, given: dict):
-    model, tokenizer = load_checkpoint(out, kind=args.model)
+    if is_adapter(out): model, tokenizer = load_adapted(out, base=args.init_from)  # its base, checked, and the adapter
+    else: model, tokenizer = load_checkpoint(out, kind=args.model)
     state = load_trainer_state(out)
     saved = dict(state["config"])
     if saved["lr_decay_iters"] is None: saved["lr_decay_iters"] = saved["max_iters"]  # a longer run keeps its schedule
@@ -383,6 +453,7 @@ def _resume(out: Path, args, given: dict):
 def train_command(args) -> int:
     "Run `nanogpt-plus train` with parsed `args`; returns the exit status."
     _check_train_args(args)
+    _check_finetune_args(args)
     job = torchrun_job(args.parallel, args.device or "auto", args.dist_timeout or 600.0)  # None: one plain process
     with joined(job): return _train(args, job)
 
@@ -392,34 +463,42 @@ def _train(args, job: Job | None) -> int:
     device = job.device if job else resolve_device(args.device or "auto")
     out = Path(args.out_dir) if args.out_dir else default_out_dir(args)
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f, None) is not None}
-    if args.resume and not (out / "config.json").exists():
+    held = (out / "config.json").exists() or is_adapter(out)  # a model, or a LoRA run's adapter
+    if args.resume and not held:
         raise FileNotFoundError(f"nothing to resume in {out}: it holds no checkpoint; train without --resume first")
     with RunLock(out) if main else contextlib.nullcontext():
-        state = None
+        state = base = None
         if args.resume: model, tokenizer, state, config = _resume(out, args, given)
-        elif (out / "config.json").exists() and not args.overwrite:
+        elif held and not args.overwrite:
             raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, --overwrite to start "
                              "again, or another --out-dir")
-        ids, tokenizer = load_training_data(args, tokenizer if state else None)
+        elif args.init_from: base = load_base(args.init_from, device)  # (model, tokenizer, identity)
+        ids, tokenizer = load_training_data(args, tokenizer if state else base[1] if base else None)
         if state is None:
-            preset = TRAIN_PRESETS["bigram" if args.model == "bigram" else "gpt2" if args.gpt2_config else args.size or "small"]
+            preset = _train_preset(args)
             torch.manual_seed(given.get("seed", TrainConfig.seed))
-            model = new_model(args, tokenizer, device, given.get("batch_size", preset.get("batch_size", 32)))
+            batch_size = given.get("batch_size", preset.get("batch_size", 32))
+            model = _fine_tune_model(args, base[0], device, batch_size) if base else new_model(args, tokenizer, device, batch_size)
             context = {} if args.model == "bigram" else {"context_size": model.config.context_size}
             config = TrainConfig(**{**preset, **context, **given})
         train_data, val_data = train_val_split(cut_to_fraction(ids, args.dataset_fraction or 1.0, config.context_size), 0.1)
-        n_params = sum(p.numel() for p in model.parameters())
+        n, trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+        progress = not args.no_progress
+        callbacks = standard_callbacks(config, out, tokenizer, progress) if job is None else \
+            job_callbacks(config, job, out, tokenizer, progress=progress)
+        if lora_layers(model):
+            if job is not None: raise ValueError("LoRA fine-tuning runs in one process: drop --parallel")
+            callbacks = adapter_callbacks(callbacks, _adapter_base(args, out, base))
         if job is None:
-            trainer = Trainer(model, train_data, val_data, config, device,
-                              standard_callbacks(config, out, tokenizer, progress=not args.no_progress))
+            trainer = Trainer(model, train_data, val_data, config, device, callbacks)
             if state is not None: restore_trainer_state(trainer, state)
         else:
-            trainer = DistributedTrainer(model, train_data, val_data, config, job,
-                                         job_callbacks(config, job, out, tokenizer, progress=not args.no_progress))
+            trainer = DistributedTrainer(model, train_data, val_data, config, job, callbacks)
             if state is not None: restore_job_state(trainer, state)
         if main:
             write_run_config(out / "run.toml", args)
-            print(f"{'resuming' if state else 'training'} {args.model} ({n_params:,} parameters) on "
+            print(f"{'resuming' if state else 'training'} {args.model} ({n:,} parameters"
+                  f"{f', {trainable:,} of them trainable' if trainable < n else ''}) on "
                   f"{len(train_data) + len(val_data):,} tokens ({tokenizer_name(tokenizer)}); {device}, "
                   f"{str(trainer.dtype).removeprefix('torch.')}"
                   f"{f'; {job.world_size} processes ({job.strategy})' if job else ''}; checkpoints in {out}",
@@ -462,6 +541,9 @@ def add_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                      help=f"OpenAI GPT-2 weights: {', '.join(GPT2_CONFIGS)} or a local directory")
     src.add_argument("--size", metavar="SIZE", help="use the default checkpoint checkpoints/gpt-SIZE (gpt: "
                      f"{', '.join(GPT_SIZES)}; default small) or checkpoints/bigram")
+    src.add_argument("--adapter", metavar="DIR", help="add the LoRA adapter in DIR (written by `train --use-lora`) to "
+                     "its base: the one it was trained on, or --checkpoint or --gpt2-config (checked to be it). "
+                     "`--checkpoint DIR` alone also takes an adapter")
     smp = parser.add_argument_group("sampling")
     smp.add_argument("--continue-tokens", default="", metavar="TEXT", help="prompt to continue (default: empty, start a new text)")
     smp.add_argument("--max-new-tokens", type=positive_int, default=200, metavar="N", help="tokens to generate (default: %(default)s)")
@@ -500,10 +582,16 @@ def _check_generate_args(args) -> None:
         raise ValueError(msg) from None
     if args.use_kv_cache and args.model == "bigram":
         raise ValueError("the bigram looks at one token and has no key-value cache: drop --use-kv-cache")
+    if args.adapter and (args.model != "gpt" or args.size):
+        raise ValueError("--adapter adapts a GPT: use `generate gpt`, with its base as --checkpoint or --gpt2-config")
 
 
 def load_model_for(args, device: torch.device, dtype: torch.dtype | None = None):
     "The `(model, tokenizer)` that `args` point to: a checkpoint, GPT-2 weights, or a default checkpoint directory."
+    adapter = args.adapter or (args.checkpoint if args.checkpoint and is_adapter(args.checkpoint) else None)
+    if adapter:  # a LoRA adapter on its base (chapter 14), merged: sampling then costs what the base's does
+        model, tokenizer = load_adapted(adapter, device, base=(args.checkpoint if args.adapter else None) or args.gpt2_config)
+        return strip_lora(model, merge=True), tokenizer
     if args.gpt2_config: return load_gpt2(args.gpt2_config, device=device, dtype=dtype)
     ckpt = Path(args.checkpoint) if args.checkpoint else default_out_dir(args)
     if not ckpt.exists():
@@ -627,9 +715,32 @@ def quantize_command(args) -> int:
           f"token instead of {before / 1e6:.3g}; sample with `nanogpt-plus generate gpt --checkpoint {out}`")
     return 0
 
+# %% ../nbs/11_cli.ipynb #22a5b69c
+def add_merge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Declare the options of `nanogpt-plus merge` on `parser`."
+    parser.add_argument("adapter", metavar="ADAPTER_DIR", help="a LoRA adapter directory, written by `train --use-lora`")
+    parser.add_argument("--out-dir", metavar="DIR", required=True, help="the checkpoint directory to write")
+    parser.add_argument("--base", metavar="DIR_OR_NAME", help="the adapter's base, if it moved (default: where the "
+                        "adapter says it came from); checked to be the one it was trained on")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint that --out-dir holds")
+    return parser
+
+
+def merge_command(args) -> int:
+    "Run `nanogpt-plus merge` with parsed `args`."
+    out = Path(args.out_dir)
+    if is_adapter(out): raise ValueError(f"{out} holds a LoRA adapter: write the merged model to another --out-dir")
+    with RunLock(out):
+        if (out / "config.json").exists() and not args.overwrite:
+            raise ValueError(f"{out} already holds a checkpoint: pass --overwrite to replace it, or another --out-dir")
+        model, tokenizer = load_adapted(args.adapter, base=args.base)
+        save_checkpoint(out, strip_lora(model, merge=True), tokenizer)
+    print(f"the adapter in {args.adapter}, merged into its base: an ordinary checkpoint in {out}")
+    return 0
+
 # %% ../nbs/11_cli.ipynb #8d2bb39d
 def build_parser() -> argparse.ArgumentParser:
-    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare` and `quantize` commands."
+    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare`, `merge` and `quantize` commands."
     parser = argparse.ArgumentParser(prog="nanogpt-plus", description="Train small GPT language models on a text file "
                                      "and sample from them.", epilog="`nanogpt-plus COMMAND --help` lists a command's "
                                      "options. Exit status: 0 done, 2 error, 130 stopped by Ctrl-C, 143 by SIGTERM.")
@@ -650,7 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Save a GPT (a checkpoint or GPT-2's weights) with bf16 or int8 weights as a "
                            "checkpoint that `generate --checkpoint DIR` loads directly.")
     add_quantize_args(quant).set_defaults(func=quantize_command)
-    parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "quantize": quant}
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into its base: an ordinary checkpoint",
+                           description="Merge a LoRA adapter (train --use-lora) into the model it adapts, and save the "
+                           "result as an ordinary checkpoint.")
+    add_merge_args(merge).set_defaults(func=merge_command)
+    parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "merge": merge, "quantize": quant}
     return parser
 
 

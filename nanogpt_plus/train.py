@@ -394,7 +394,7 @@ class Checkpoint(Callback):
         self.save(t)  # the resumable checkpoint first: if the disk fills up, it is the one that matters
         if record["val_loss"] < self.best_val:
             self.best_val = record["val_loss"]
-            save_checkpoint(self.out_dir / "best", t.model, self.tokenizer)
+            self.write(self.out_dir / "best", t.model)
 
     def after_fit(self, t: Trainer) -> None:
         try:
@@ -403,8 +403,12 @@ class Checkpoint(Callback):
             if self.lock: self.lock = self.lock.__exit__(None, None, None)  # released once, even if fit failed early
 
     def save(self, t: Trainer) -> None:
-        save_checkpoint(self.out_dir, t.model, self.tokenizer, trainer_state(t))
+        self.write(self.out_dir, t.model, trainer_state(t))
         self.saved = t.step
+
+    def write(self, directory: Path, model: nn.Module, state: dict | None = None) -> None:
+        "Commit one checkpoint to `directory`: the whole model here; a subclass may write less (chapter 14's adapters)."
+        save_checkpoint(directory, model, self.tokenizer, state)
 
     def state_dict(self) -> dict: return {"best_val": self.best_val}
     def load_state_dict(self, state: dict) -> None: self.best_val = state["best_val"]
