@@ -11,10 +11,17 @@ depend on the machine and on what else it is doing; the loss and the FLOPs do no
 
     python benchmarks/speedrun.py --budget 5e13
     python benchmarks/speedrun.py --budget 1.5e14 --out-dir runs/speedrun   # keep the checkpoint and metrics
+    python benchmarks/speedrun.py --budget 5e13 --out benchmarks/speedrun.jsonl   # and keep the line, curve and sample
+
+`--out FILE` appends the line to FILE with two more keys: `curve` (validation loss on fixed batches against FLOPs)
+and `sample` (400 characters after "ROMEO:", temperature 0.8, a fixed seed). `--from-dir DIR` reads a run that
+finished in DIR (one started with `--out-dir DIR`) instead of training again.
 """
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import tomllib
@@ -31,22 +38,38 @@ def main(argv=None):
     p.add_argument("--baseline", action="store_true", help="chapter 8's GPT-2 recipe (shakespeare-char) for the budget")
     p.add_argument("--threads", type=int, help="torch threads of the run (default: torch's, one per core)")
     p.add_argument("--out-dir", type=Path, help="where the run's files stay (default: a temporary directory)")
+    p.add_argument("--out", type=Path, help="a JSON lines file to append the line to, with the curve and a sample")
+    p.add_argument("--from-dir", type=Path, help="summarise the run that finished in this directory, do not train")
     args = p.parse_args(argv)
     name = "shakespeare-char" if args.baseline else RECIPES[args.budget]
     flags = ["--max-flops", f"{args.budget:g}"] if args.baseline else []
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out_dir or Path(tmp) / "run"
-        if args.out_dir: flags.append("--overwrite")
+        out = args.from_dir or args.out_dir or Path(tmp) / "run"
         load, start = os.getloadavg()[0], time.perf_counter()
-        wait_run(start_run(name, out, *flags, threads=args.threads))
+        if not args.from_dir:
+            if args.out_dir: flags.append("--overwrite")
+            wait_run(start_run(name, out, *flags, threads=args.threads))
         total = time.perf_counter() - start
         summary = run_summary(out)
         config = tomllib.loads((out / "run.toml").read_text())
-    print(json.dumps({"recipe": name, "val_loss": summary["val_loss"], "flops": summary["flops"], "budget": args.budget,
-                      "steps": summary["steps"], "tokens": summary["tokens"], "wall_s": summary["wall_s"],
-                      "total_s": round(total, 1), "tokens_per_s": summary["tokens_per_s"],
-                      "load_avg": [round(load, 1), round(os.getloadavg()[0], 1)], "cpus": os.cpu_count(),
-                      "config": config}))
+        line = {"recipe": name, "val_loss": summary["val_loss"], "flops": summary["flops"], "budget": args.budget,
+                "steps": summary["steps"], "tokens": summary["tokens"], "wall_s": summary["wall_s"],
+                "total_s": None if args.from_dir else round(total, 1), "tokens_per_s": summary["tokens_per_s"],
+                "load_avg": None if args.from_dir else [round(load, 1), round(os.getloadavg()[0], 1)],
+                "cpus": os.cpu_count(), "config": config}
+        print(json.dumps(line))
+        if args.out:
+            line |= {"curve": summary["curve"], "sample": sample(out)}
+            with open(args.out, "a") as f: f.write(json.dumps(line) + "\n")
+
+
+def sample(run_dir: Path, prompt: str = "ROMEO:") -> str:
+    "400 characters of the model in `run_dir` after `prompt`, at temperature 0.8, with a fixed seed."
+    cmd = [sys.executable, "-m", "nanogpt_plus", "generate", "gpt", "--checkpoint", str(run_dir), "--continue-tokens",
+           prompt, "--max-new-tokens", "400", "--temperature", "0.8", "--fix-seed"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode: raise SystemExit(f"sampling {run_dir} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 if __name__ == "__main__":
