@@ -183,7 +183,7 @@ def _add_modern_args(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--cooldown-frac", type=fraction, metavar="F", help="wsd: the share of the steps spent decaying "
                    "(default: 0.2)")
     o.add_argument("--max-flops", type=positive_float, metavar="FLOPS", help="a budget of training FLOPs: as many steps "
-                   "as fit in it (instead of --max-iters); chapter 13 counts them")
+                   "as fit in it, whatever --max-iters says; chapter 13 counts them")
 
 # %% ../nbs/11_cli.ipynb #326960a0
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -358,8 +358,8 @@ def _check_train_args(args) -> None:
         raise ValueError(f"--gpt2-config trains with GPT-2's tokenizer: drop --tokenizer {args.tokenizer}, or pass "
                          "--size (or the shape flags) instead of --gpt2-config")
     if args.resume and args.overwrite: raise ValueError("pass --resume or --overwrite, not both")
-    if args.max_iters is not None and args.max_flops is not None:
-        raise ValueError("pass --max-iters or --max-flops, not both: a budget of FLOPs decides the number of steps")
+    if args.max_iters is not None and args.max_flops is not None:  # a run configuration may set one, a flag the other
+        print(f"note: --max-flops {args.max_flops:g} decides the number of steps; --max-iters is ignored", file=sys.stderr)
 
 
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "pos_emb", "norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap",

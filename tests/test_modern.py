@@ -285,6 +285,11 @@ def test_the_command_line_builds_and_trains_a_modern_gpt(tmp_path, capsys):
     records = train.read_metrics(budget / "metrics.jsonl")
     assert 0 < records[-1]["step"] and max(r.get("flops", 0) for r in records) <= 2e9
     assert load_checkpoint(budget)[0].config.qk_norm is True
+    capsys.readouterr()  # a budget wins over a number of steps (from a file or a flag), and says so
+    assert cli.main(["train", "--config", str(tmp_path / "b.toml"), "--max-iters", "1", "--out-dir", str(budget),
+                     "--overwrite", "--no-progress"]) == 0
+    assert "--max-iters is ignored" in capsys.readouterr().err
+    assert load_trainer_state(budget)["step"] == records[-1]["step"]
 
 
 def cli_fails(capsys, *args, match):
@@ -299,7 +304,6 @@ def test_command_line_errors(tmp_path, capsys):
     text.write_text(CORPUS * 60, encoding="utf-8")
     common = ["--data", text, "--out-dir", tmp_path / "o", "--no-progress"]
     cli_fails(capsys, "gpt", *common, "--n-embd", "18", "--n-head", "2", "--pos-emb", "rope", match="must be even")
-    cli_fails(capsys, "gpt", *common, "--max-iters", "5", "--max-flops", "1e12", match="--max-iters or --max-flops")
     cli_fails(capsys, "bigram", *common, "--mlp", "swiglu", match="--mlp applies to `train gpt`")
     cli_fails(capsys, "gpt", *common, "--max-flops", "10", match="less than one step")
     (tmp_path / "bad.toml").write_text('model = "gpt"\nqk_norm = "yes"\n')
@@ -309,3 +313,44 @@ def test_command_line_errors(tmp_path, capsys):
     for flag, value in (("--logit-softcap", "-1"), ("--mlp", "tanh"), ("--optimizer", "sgd")):
         with pytest.raises(SystemExit) as e: cli.main(["train", "gpt", flag, value])
         assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_step_flops_is_the_trainers_count():
+    from nanogpt_plus.speedrun import step_flops
+    for name in ("gpt2", "all", "all-swiglu"):
+        for optimizer in ("adamw", "muon"):
+            c = config(**CONFIGS[name])
+            tc = tcfg(optimizer=optimizer, batch_size=3, grad_accum_steps=2)
+            assert step_flops(c, tc)["total"] == run_trainer(GPT(c), tc).flops_per_step
+
+
+def test_a_run_started_and_summarised(tmp_path):
+    from nanogpt_plus.speedrun import run_summary, start_run, wait_run
+    text = tmp_path / "input.txt"
+    text.write_text(CORPUS * 60, encoding="utf-8")
+    (tmp_path / "r.toml").write_text(f'model = "gpt"\ndata = "{text}"\nn_layer = 1\nn_head = 2\nn_embd = 16\n'
+                                     'context_size = 16\nbatch_size = 4\neval_iters = 1\neval_interval = 5\n'
+                                     'max_flops = 1e9\noptimizer = "muon"\npos_emb = "rope"\n')
+    wait_run(start_run(str(tmp_path / "r.toml"), tmp_path / "out", threads=1))
+    s = run_summary(tmp_path / "out")
+    state = load_trainer_state(tmp_path / "out")
+    assert s["flops"] == state["flops"] <= 1e9 and s["steps"] == state["step"] > 0 and s["tokens"] == 64 * s["steps"]
+    assert 0 < s["val_loss"] < 5 and s["curve"] and s["curve"][-1][0] == s["flops"]
+    with pytest.raises(RuntimeError, match="failed"): wait_run(start_run("no-such-recipe", tmp_path / "x"))
+    with pytest.raises(ValueError, match="no finished run"):
+        (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+        run_summary(tmp_path / "out")
+
+
+@pytest.mark.parametrize("name,budget", [("speedrun-5e13", 5e13), ("speedrun-1.5e14", 1.5e14)])
+def test_speedrun_recipes_spend_their_budget(name, budget):
+    from nanogpt_plus.speedrun import step_flops
+    args = cli.parse_args(["train", "--config", name])
+    assert args.model == "gpt" and args.max_flops == budget
+    fields = {f: getattr(args, f) for f in cli.TRAIN_FIELDS if getattr(args, f, None) is not None}
+    tc = train.TrainConfig(**fields)
+    shape = {f: getattr(args, f) for f in (*cli.SHAPE_FLAGS, "dropout") if getattr(args, f) is not None}
+    c = GPTConfig.from_name("small", vocab_size=65, context_size=args.context_size, **shape)
+    per_step = step_flops(c, tc)["total"]
+    steps = int(budget // per_step)
+    assert budget - per_step < steps * per_step <= budget and steps >= 100

@@ -1,0 +1,76 @@
+"""Chapter 13's CPU speed-run: train the recipe for a budget of training FLOPs and print one JSON line.
+
+`--budget 5e13` runs the shipped run configuration `speedrun-5e13`, `--budget 1.5e14` runs `speedrun-1.5e14`, as a
+user would (`nanogpt-plus train --config NAME`, in a process of its own), on tiny-shakespeare. The line has the
+validation loss over the whole validation split (the last 10% of the text) at the end, the training FLOPs the
+trainer counted (chapter 13's formula: Muon's Newton-Schulz products included, evaluation not), the optimizer steps,
+the training tokens, the training time (`wall_s`, evaluations excluded; `total_s` includes start-up and
+evaluations), tokens per second of training, the load average before and after, and the run's configuration (its
+`run.toml`). `--baseline` runs chapter 8's GPT-2 recipe (`shakespeare-char`) for the same budget instead. Times
+depend on the machine and on what else it is doing; the loss and the FLOPs do not.
+
+    python benchmarks/speedrun.py --budget 5e13
+    python benchmarks/speedrun.py --budget 1.5e14 --out-dir runs/speedrun   # keep the checkpoint and metrics
+    python benchmarks/speedrun.py --budget 5e13 --out benchmarks/speedrun.jsonl   # and keep the line, curve and sample
+
+`--out FILE` appends the line to FILE with two more keys: `curve` (validation loss on fixed batches against FLOPs)
+and `sample` (400 characters after "ROMEO:", temperature 0.8, a fixed seed). `--from-dir DIR` reads a run that
+finished in DIR (one started with `--out-dir DIR`) instead of training again.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+from nanogpt_plus.speedrun import run_summary, start_run, wait_run
+
+RECIPES = {5e13: "speedrun-5e13", 1.5e14: "speedrun-1.5e14"}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, required=True, choices=sorted(RECIPES), help="training FLOPs: 5e13 or 1.5e14")
+    p.add_argument("--baseline", action="store_true", help="chapter 8's GPT-2 recipe (shakespeare-char) for the budget")
+    p.add_argument("--threads", type=int, help="torch threads of the run (default: torch's, one per core)")
+    p.add_argument("--out-dir", type=Path, help="where the run's files stay (default: a temporary directory)")
+    p.add_argument("--out", type=Path, help="a JSON lines file to append the line to, with the curve and a sample")
+    p.add_argument("--from-dir", type=Path, help="summarise the run that finished in this directory, do not train")
+    args = p.parse_args(argv)
+    name = "shakespeare-char" if args.baseline else RECIPES[args.budget]
+    flags = ["--max-flops", f"{args.budget:g}"] if args.baseline else []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.from_dir or args.out_dir or Path(tmp) / "run"
+        load, start = os.getloadavg()[0], time.perf_counter()
+        if not args.from_dir:
+            if args.out_dir: flags.append("--overwrite")
+            wait_run(start_run(name, out, *flags, threads=args.threads))
+        total = time.perf_counter() - start
+        summary = run_summary(out)
+        config = tomllib.loads((out / "run.toml").read_text())
+        line = {"recipe": name, "val_loss": summary["val_loss"], "flops": summary["flops"], "budget": args.budget,
+                "steps": summary["steps"], "tokens": summary["tokens"], "wall_s": summary["wall_s"],
+                "total_s": None if args.from_dir else round(total, 1), "tokens_per_s": summary["tokens_per_s"],
+                "load_avg": None if args.from_dir else [round(load, 1), round(os.getloadavg()[0], 1)],
+                "cpus": os.cpu_count(), "config": config}
+        print(json.dumps(line))
+        if args.out:
+            line |= {"curve": summary["curve"], "sample": sample(out)}
+            with open(args.out, "a") as f: f.write(json.dumps(line) + "\n")
+
+
+def sample(run_dir: Path, prompt: str = "ROMEO:") -> str:
+    "400 characters of the model in `run_dir` after `prompt`, at temperature 0.8, with a fixed seed."
+    cmd = [sys.executable, "-m", "nanogpt_plus", "generate", "gpt", "--checkpoint", str(run_dir), "--continue-tokens",
+           prompt, "--max-new-tokens", "400", "--temperature", "0.8", "--fix-seed"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode: raise SystemExit(f"sampling {run_dir} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+if __name__ == "__main__":
+    main()
