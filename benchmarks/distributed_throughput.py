@@ -35,7 +35,7 @@ def worker(args) -> None:
     "One process of a run (or the whole run): train, time the steps, write this process's numbers as JSON."
     import torch
 
-    from nanogpt_plus.distributed import DistributedTrainer, joined, state_bytes, torchrun_job
+    from nanogpt_plus.distributed import DistributedTrainer, end_process, joined, state_bytes, torchrun_job
     from nanogpt_plus.gpt import GPT, GPTConfig
     from nanogpt_plus.train import Trainer, TrainConfig
 
@@ -61,6 +61,7 @@ def worker(args) -> None:
         Path(args.report, f"rank{rank}.json").write_text(json.dumps({
             "step_s": statistics.median(times), "state_bytes": state_bytes(t.model, t.optimizer),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_bytes": rss()}))
+    end_process(0)  # under torchrun, no Python shutdown: gloo's leftover threads could abort it (chapter 15)
 
 
 def rss() -> int | None:

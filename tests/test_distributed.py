@@ -18,7 +18,7 @@ import torch
 from nanogpt_plus import cli
 from nanogpt_plus.checkpoint import MANIFEST, load_checkpoint, load_trainer_state
 from nanogpt_plus.data import get_batch
-from nanogpt_plus.distributed import bytes_sent_per_step, rank_batches, share_of_step, torchrun_job
+from nanogpt_plus.distributed import bytes_sent_per_step, end_process, rank_batches, share_of_step, torchrun_job
 from nanogpt_plus.train import TrainConfig, read_metrics
 
 CORPUS = "First Citizen:\nBefore we proceed any further, hear me speak!\n\nAll:\nSpeak, speak.\n"  # 31 characters: an odd
@@ -136,6 +136,25 @@ def test_a_world_size_that_does_not_divide_the_batch_is_refused(tmp_path, data, 
         monkeypatch.setenv(name, value)
     fails(capsys, train_args(data, tmp_path / "o", "--grad-accum-steps", "1"),
           match="--grad-accum-steps 1 x --batch-size 4 = 4 windows cannot be shared evenly by 3 processes")
+
+
+def test_a_plain_process_ends_as_usual(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as e: end_process(3)
+    assert e.value.code == 3
+
+
+def test_a_job_process_ends_with_its_status_and_everything_it_printed(tmp_path, data):
+    "Under torchrun `python -m nanogpt_plus` ends with os._exit (no Python shutdown, see `end_process`): nothing is lost."
+    job = dict({k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # buffered stdout, as python -m has by default
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "nanogpt_plus", *train_args(data, tmp_path / "o", *extra)],
+                                        env=job, capture_output=True, text=True, timeout=300)
+    r = run("--max-iters", "2")  # a job of one process: it connects, trains, leaves the group
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("done: 2 steps"), r.stdout  # print()ed to a pipe, so buffered: flushed before os._exit
+    r = run("--max-iters", "2")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "already holds a checkpoint" in r.stderr, r.stderr
 
 
 # --- real runs: 2 processes against 1 ---
