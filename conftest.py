@@ -1,4 +1,11 @@
 """pytest set-up shared by tests/ and the nbval run over nbs/."""
+import os
+
+# OpenMP threads that wait by spinning burn the core a busy neighbour needs: with another CPU-bound process beside
+# it, a chapter's training cell ran many times slower. Passive waiting gives the same results (the same threads do
+# the same work) and was about twice as fast here, idle or loaded. Set before torch loads OpenMP; the notebooks'
+# kernels inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(items):
