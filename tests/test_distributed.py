@@ -324,7 +324,9 @@ def test_resume_with_dropout_is_bit_exact_for_the_same_number_of_processes(data,
 
 
 @pytest.mark.slow
-def test_three_processes_for_a_batch_of_four_are_refused_by_each(data, tmp_path):
+def test_three_processes_for_a_batch_of_four_are_refused(data, tmp_path):
+    "Every process refuses; torchrun ends the others at the first exit status 2, so not all may get to say so."
     r = torchrun(data, tmp_path / "o", "--grad-accum-steps", "1", nproc=3)
     assert r.returncode != 0
-    assert r.stderr.count("cannot be shared evenly by 3 processes") == 3, r.stderr[-3000:]
+    assert 1 <= r.stderr.count("cannot be shared evenly by 3 processes") <= 3, r.stderr[-3000:]
+    assert "training gpt" not in r.stderr and not (tmp_path / "o" / MANIFEST).exists()  # nothing trained or written
