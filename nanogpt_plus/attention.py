@@ -88,7 +88,7 @@ def _explicit_causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
     weights = F.dropout(scores.softmax(dim=-1), dropout_p)  # bfloat16 in and out, float32 inside
     return (weights @ v).view(B, nh, T, hs)  # (B*nh, T, T) @ (B*nh, T, hs) -> (B*nh, T, hs) -> (B, nh, T, hs)
 
-
+# %% ../nbs/04_attention.ipynb #77f6cda5
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention with one `qkv` projection and a fused attention kernel."
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, *, rope: bool = False,

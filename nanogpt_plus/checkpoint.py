@@ -86,7 +86,7 @@ def build_model(kind: str, config: dict) -> nn.Module:
     config = checked_config(kind, config)
     return BigramLanguageModel(config["vocab_size"]) if kind == "bigram" else GPT(config)
 
-
+# %% ../nbs/07b_checkpoints.ipynb #f8d49dab
 TOKENIZERS = {cls.kind: cls for cls in (CharTokenizer, GPT2Tokenizer, BPETokenizer)}
 
 

@@ -260,7 +260,7 @@ def read_run_config(name_or_path: str) -> tuple[dict, str]:
     try: return tomllib.loads(text), source
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{source} is not valid TOML: {e}") from None
 
-
+# %% ../nbs/11_cli.ipynb #1b099fca
 def config_defaults(parser: argparse.ArgumentParser, values: dict, source: str) -> dict:
     "The settings `values` checked and converted exactly as the flags of `parser` would be; errors name `source`."
     actions = {a.dest: a for a in parser._actions if a.dest not in _NOT_SETTINGS}
@@ -474,15 +474,8 @@ def _train(args, job: Job | None) -> int:
                              "again, or another --out-dir")
         elif args.init_from: base = load_base(args.init_from, device)  # (model, tokenizer, identity)
         ids, tokenizer = load_training_data(args, tokenizer if state else base[1] if base else None)
-        if state is None:
-            preset = _train_preset(args)
-            torch.manual_seed(given.get("seed", TrainConfig.seed))
-            batch_size = given.get("batch_size", preset.get("batch_size", 32))
-            model = _fine_tune_model(args, base[0], device, batch_size) if base else new_model(args, tokenizer, device, batch_size)
-            context = {} if args.model == "bigram" else {"context_size": model.config.context_size}
-            config = TrainConfig(**{**preset, **context, **given})
+        if state is None: model, config = _new_run(args, given, tokenizer, base, device)
         train_data, val_data = train_val_split(cut_to_fraction(ids, args.dataset_fraction or 1.0, config.context_size), 0.1)
-        n, trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
         progress = not args.no_progress
         callbacks = standard_callbacks(config, out, tokenizer, progress) if job is None else \
             job_callbacks(config, job, out, tokenizer, progress=progress)
@@ -497,14 +490,31 @@ def _train(args, job: Job | None) -> int:
             if state is not None: restore_job_state(trainer, state)
         if main:
             write_run_config(out / "run.toml", args)
-            print(f"{'resuming' if state else 'training'} {args.model} ({n:,} parameters"
-                  f"{f', {trainable:,} of them trainable' if trainable < n else ''}) on "
-                  f"{len(train_data) + len(val_data):,} tokens ({tokenizer_name(tokenizer)}); {device}, "
-                  f"{str(trainer.dtype).removeprefix('torch.')}"
-                  f"{f'; {job.world_size} processes ({job.strategy})' if job else ''}; checkpoints in {out}",
-                  file=sys.stderr)
+            _announce(args, trainer, tokenizer, out, resumed=state is not None)
         trainer.fit()
         return _finish(trainer, out, val_data)
+
+# %% ../nbs/11_cli.ipynb #44db2f2d
+def _new_run(args, given: dict, tokenizer, base, device: torch.device) -> tuple[torch.nn.Module, TrainConfig]:
+    "The model and configuration of a run that starts now: a new model, or the fine-tuned `base`'s."
+    preset = _train_preset(args)
+    torch.manual_seed(given.get("seed", TrainConfig.seed))
+    batch_size = given.get("batch_size", preset.get("batch_size", 32))
+    model = _fine_tune_model(args, base[0], device, batch_size) if base else new_model(args, tokenizer, device, batch_size)
+    context = {} if args.model == "bigram" else {"context_size": model.config.context_size}
+    return model, TrainConfig(**{**preset, **context, **given})
+
+
+def _announce(args, trainer: Trainer, tokenizer, out: Path, resumed: bool) -> None:
+    "One line on stderr: what trains, on how many tokens, where, in which dtype, and where its checkpoints go."
+    params = list(trainer.model.parameters())
+    n, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    job = getattr(trainer, "job", None)
+    print(f"{'resuming' if resumed else 'training'} {args.model} ({n:,} parameters"
+          f"{f', {trainable:,} of them trainable' if trainable < n else ''}) on "
+          f"{len(trainer.train_data) + len(trainer.val_data):,} tokens ({tokenizer_name(tokenizer)}); {trainer.device}, "
+          f"{str(trainer.dtype).removeprefix('torch.')}"
+          f"{f'; {job.world_size} processes ({job.strategy})' if job else ''}; checkpoints in {out}", file=sys.stderr)
 
 # %% ../nbs/11_cli.ipynb #563edcc8
 def _finish(trainer: Trainer, out: Path, val_data) -> int:
@@ -768,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "merge": merge, "quantize": quant}
     return parser
 
-
+# %% ../nbs/11_cli.ipynb #15ef2b23
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "Parse the command line, with the settings of `train --config` as defaults that flags override."
     parser = build_parser()

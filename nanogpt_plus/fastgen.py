@@ -249,6 +249,16 @@ def _aten_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     if x.data_ptr() % 64: x = x.clone()
     return torch.ops.aten._weight_int8pack_mm(x, q, scale.to(dt)).to(torch.float32)
 
+
+def _kernel_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, n_out: int) -> torch.Tensor:
+    "The C kernel's product of `x` `(..., in)` and a `block_rows` weight `w`: `(..., n_out)`, float32."
+    x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    K = w.size(1) * w.size(3)  # the width rounded up to whole cache lines of weights
+    if K != x.size(-1): x = F.pad(x, (0, K - x.size(-1)))
+    y = torch.empty(*x.shape[:-1], n_out)
+    decode_kernels().matvec[w.dtype](x.data_ptr(), w.data_ptr(), _ptr(scale), _ptr(bias), y.data_ptr(), x.numel() // K, n_out, K)
+    return y
+
 # %% ../nbs/16_fast_generation.ipynb #59337186
 class DecodeLinear(nn.Module):
     "A linear layer for generation: weight in float32, bfloat16 or int8 (a scale per output row), float32 activations."
@@ -284,14 +294,7 @@ class DecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out), float32
         M, w = x.numel() // self.in_features, self.weight
-        if self.kernel and M <= KERNEL_ROWS:  # decoding: few rows, the C kernel
-            x = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-            K = w.size(1) * w.size(3)  # the width rounded up to whole cache lines of weights
-            if K != self.in_features: x = F.pad(x, (0, K - self.in_features))
-            y = torch.empty(*x.shape[:-1], self.out_features)
-            decode_kernels().matvec[w.dtype](x.data_ptr(), w.data_ptr(), _ptr(self.scale), _ptr(self.bias), y.data_ptr(),
-                                              M, self.out_features, K)
-            return y
+        if self.kernel and M <= KERNEL_ROWS: return _kernel_linear(x, w, self.scale, self.bias, self.out_features)  # decoding
         x2 = x.reshape(M, self.in_features).float()
         if self.packed is not None and M <= KERNEL_ROWS:
             y = torch.ops.mkldnn._linear_pointwise(x2.bfloat16(), self.packed, None, "none", [], "").float()

@@ -151,7 +151,7 @@ def safetensors_header(path) -> dict[str, dict]:
 
 def _nbytes(info: dict) -> int: return info["data_offsets"][1] - info["data_offsets"][0]
 
-
+# %% ../nbs/10_gpt2.ipynb #e46e3211
 def read_tensor(path, info: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     "Read one tensor described by `safetensors_header` into a new CPU tensor, or into the uint8 buffer `out`."
     nbytes = _nbytes(info)

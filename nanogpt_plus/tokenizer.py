@@ -29,7 +29,7 @@ def _read_json(path, what: str) -> dict:
         raise ValueError(f"{path} is not a {what} file: expected a JSON object with a \"type\"")
     return d
 
-
+# %% ../nbs/02_tokenizer.ipynb #c302aa8a
 class CharTokenizer:
     "One token per character: the distinct characters of `corpus`, sorted, are the vocabulary."
     kind = "char"

@@ -31,10 +31,10 @@ from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .optim import lr_at, lr_wsd, make_muon_optimizer, make_optimizer, set_lr  # Muon, WSD: chapter 12
 
 # %% auto #0
-__all__ = ['TrainConfig', 'Callback', 'clipped_step', 'build_optimizer', 'within_budget', 'Trainer', 'check_windows',
-           'estimate_loss', 'Evaluate', 'LogLoss', 'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot',
-           'ProgressBar', 'data_fingerprint', 'trainer_state', 'restore_trainer_state', 'Checkpoint', 'StopOnSignal',
-           'standard_callbacks', 'evaluate']
+__all__ = ['TrainConfig', 'check_train_config', 'Callback', 'run_callbacks', 'clipped_step', 'build_optimizer', 'within_budget',
+           'run_dtype', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate', 'LogLoss', 'read_metrics',
+           'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint', 'trainer_state',
+           'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'standard_callbacks', 'evaluate']
 
 # %% ../nbs/08_training.ipynb #5c90c41c
 @dataclass
@@ -66,19 +66,7 @@ class TrainConfig:
     cooldown_frac: float = 0.2     # wsd: the share of the steps spent decaying
     max_flops: float | None = None  # a budget of training FLOPs: max_iters becomes the most steps that fit
 
-    def __post_init__(self):
-        for f in ("max_iters", "batch_size", "context_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval"):
-            if getattr(self, f) < 1: raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
-        for f in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "muon_lr", "max_flops"):
-            v = getattr(self, f)
-            if v is not None and not (math.isfinite(v) and v >= 0): raise ValueError(f"{f} must be a finite number >= 0, got {v}")
-        for f in ("learning_rate", "muon_lr", "max_flops"):
-            if getattr(self, f) == 0: raise ValueError(f"{f} must be > 0")
-        if self.dtype != "auto" and self.dtype not in DTYPES: raise ValueError(f"unknown dtype {self.dtype!r}")
-        for f, allowed in (("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd"))):
-            if getattr(self, f) not in allowed: raise ValueError(f"unknown {f} {getattr(self, f)!r}: use {' or '.join(allowed)}")
-        if not 0 < self.cooldown_frac <= 1: raise ValueError(f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
-        if not 0 <= self.muon_momentum < 1: raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+    def __post_init__(self): check_train_config(self)
 
     @property
     def tokens_per_step(self) -> int: return self.grad_accum_steps * self.batch_size * self.context_size
@@ -90,6 +78,22 @@ class TrainConfig:
         if self.schedule == "wsd": return lr_wsd(step, self.learning_rate, self.warmup_iters, end, self.cooldown_frac, min_lr)
         return lr_at(step, self.learning_rate, self.warmup_iters, end, min_lr)
 
+# %% ../nbs/08_training.ipynb #190370c8
+def check_train_config(c: TrainConfig) -> None:
+    "Raise a `ValueError` naming the first setting of `c` that is out of range."
+    for f in ("max_iters", "batch_size", "context_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(c, f) < 1: raise ValueError(f"{f} must be >= 1, got {getattr(c, f)}")
+    for f in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "muon_lr", "max_flops"):
+        v = getattr(c, f)
+        if v is not None and not (math.isfinite(v) and v >= 0): raise ValueError(f"{f} must be a finite number >= 0, got {v}")
+    for f in ("learning_rate", "muon_lr", "max_flops"):
+        if getattr(c, f) == 0: raise ValueError(f"{f} must be > 0")
+    if c.dtype != "auto" and c.dtype not in DTYPES: raise ValueError(f"unknown dtype {c.dtype!r}")
+    for f, allowed in (("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd"))):
+        if getattr(c, f) not in allowed: raise ValueError(f"unknown {f} {getattr(c, f)!r}: use {' or '.join(allowed)}")
+    if not 0 < c.cooldown_frac <= 1: raise ValueError(f"cooldown_frac must be in (0, 1], got {c.cooldown_frac}")
+    if not 0 <= c.muon_momentum < 1: raise ValueError(f"muon_momentum must be in [0, 1), got {c.muon_momentum}")
+
 # %% ../nbs/08_training.ipynb #efb30001
 class Callback:
     "A hook into `Trainer.fit`: override the events you need. Its `state_dict` is saved for exact resumes."
@@ -100,6 +104,11 @@ class Callback:
     def after_fit(self, trainer: Trainer) -> None: pass
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, state: dict) -> None: pass
+
+
+def run_callbacks(trainer: Trainer, event: str, **kwargs) -> None:
+    "Call the method `event` of each of `trainer.callbacks`, in their order."
+    for cb in trainer.callbacks: getattr(cb, event)(trainer, **kwargs)
 
 # %% ../nbs/08_training.ipynb #527fd4b3
 def clipped_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters, max_norm: float) -> None:
@@ -128,6 +137,12 @@ def within_budget(config: TrainConfig, flops_per_step: int) -> TrainConfig:
                          "it, or take smaller steps")
     return dataclasses.replace(config, max_iters=int(config.max_flops // flops_per_step))
 
+# %% ../nbs/08_training.ipynb #b34e4de7
+def run_dtype(model: nn.Module, dtype: str, device: torch.device) -> torch.dtype:
+    "The autocast dtype for training `model`: `dtype`, where `auto` means float32 for a model with no `nn.Linear`."
+    matmuls = any(isinstance(m, nn.Linear) for m in model.modules())
+    return resolve_dtype("float32" if dtype == "auto" and not matmuls else dtype, device)
+
 # %% ../nbs/08_training.ipynb #c5475234
 class Trainer:
     "Train `model` on 1-D token sequences `train_data`/`val_data`; `callbacks` add evaluation, checkpoints, ..."
@@ -137,8 +152,7 @@ class Trainer:
         self.config, self.train_data, self.val_data = config, train_data, val_data
         self.callbacks = sorted(callbacks or [], key=lambda cb: cb.order)
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-        matmuls = any(isinstance(m, nn.Linear) for m in model.modules())  # autocast speeds up matmuls, nothing else
-        self.dtype = resolve_dtype("float32" if config.dtype == "auto" and not matmuls else config.dtype, self.device)
+        self.dtype = run_dtype(model, config.dtype, self.device)
         self.model = model.to(self.device)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = build_optimizer(self.model, config, self.device.type)
@@ -168,23 +182,20 @@ class Trainer:
         "Train until step `max_iters` (default `config.max_iters`), or until a callback sets `stop_reason`."
         self.max_iters, self.stop_reason = max_iters or self.config.max_iters, None
         try:
-            self._emit("before_fit")
+            run_callbacks(self, "before_fit")
             while self.step < self.max_iters and self.stop_reason is None:
                 start = time.perf_counter()
                 loss = self.train_step()
                 self.train_time += time.perf_counter() - start
                 if not math.isfinite(loss): self.stop_reason = "diverged"  # keep the last good checkpoint: no events
-                else: self._emit("after_step", loss=loss)
-        finally: self._emit("after_fit")
+                else: run_callbacks(self, "after_step", loss=loss)
+        finally: run_callbacks(self, "after_fit")
         return self
 
     def log(self, record: dict) -> None:
         "Keep a metrics record and show it to the callbacks."
         self.metrics.append(record)
-        self._emit("on_log", record=record)
-
-    def _emit(self, event: str, **kwargs) -> None:
-        for cb in self.callbacks: getattr(cb, event)(self, **kwargs)
+        run_callbacks(self, "on_log", record=record)
 
 # %% ../nbs/08_training.ipynb #1bbe12cf
 def check_windows(model: nn.Module, train_data, val_data, context_size: int) -> None:
