@@ -5,6 +5,10 @@ greedy decoding, batch 1, CPU. Every round times each variant once, in turn, and
 prefetching reader and torch's sum; the faster counts) to measure the memory bandwidth of that moment; the results are medians over rounds, and each ratio is the median of the ratios within
 rounds, so a change of machine load (other jobs) hits both sides of a ratio alike.
 
+Threads: chapter 16's C kernels compute on one thread, so the like-with-like run is `--threads 1 --clock cpu`: the
+peer on one thread too, and the roofline of the bandwidth one thread reads. With more threads PyTorch's sum reads
+faster than one kernel thread, and the fractions fall against that roofline.
+
 Variants: ours, prepared as `nanogpt-plus generate --dtype D --use-kv-cache` does (chapter 16's `prepare_decoding` and
 `FastDecoder`: C kernels where they build), with float32, bfloat16 and int8 (weight-only, one scale per output
 channel) weights; optionally the same through PyTorch's kernels, and the float32 step under torch.compile; the peer's
