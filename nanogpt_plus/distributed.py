@@ -24,8 +24,8 @@ from .checkpoint import CheckpointError, build_model, model_config, model_kind, 
 from .data import get_batch
 from .optim import set_lr
 from .train import (Callback, Checkpoint, Evaluate, LogLoss, MetricsFile, ProgressBar, StopOnSignal,
-                                TrainConfig, Trainer, autocast, clipped_step, resolve_device, restore_trainer_state,
-                                trainer_state)
+                                TrainConfig, Trainer, accumulate, autocast, clipped_step, resolve_device,
+                                restore_trainer_state, trainer_state)
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'Job', 'torchrun_job', 'share_of_step', 'rank_batches', 'PeerLost', 'gist', 'lost_peer', 'connect',
@@ -206,18 +206,13 @@ class DistributedTrainer(Trainer):
 
     def train_step(self) -> float:
         "One optimizer step of the whole run; returns its loss, the mean over all processes' micro-batches."
-        cfg, total = self.config, 0.0
+        cfg = self.config
         set_lr(self.optimizer, cfg.lr(self.step))
         batches = rank_batches(self.train_data, cfg, self.batch_rng, self.job.rank, self.job.world_size, self.device)
-        for i, (x, y) in enumerate(batches):
-            with self.gradient_sync(i == len(batches) - 1):  # forward and backward: DDP reads the flag in the forward
-                with autocast(self.device, self.dtype): _, loss = self.forward(x, y)
-                loss = loss / len(batches)
-                self.scaler.scale(loss).backward()
-            total += loss.item()
+        total = accumulate(self, batches, self.gradient_sync)  # the flag holds forward and backward: DDP reads it in the forward
         clipped_step(self.optimizer, self.scaler, self.model.parameters(), cfg.grad_clip)
         self.step += 1
-        tokens = cfg.grad_accum_steps * cfg.batch_size * cfg.context_size  # the whole run's
+        tokens = cfg.tokens_per_step  # the whole run's
         self.tokens_seen, self.flops = self.tokens_seen + tokens, self.flops + self.flops_per_token * tokens
         mean = torch.tensor(total / self.job.world_size, dtype=torch.float64, device=self.device)
         dist.all_reduce(mean)  # every process gets the same loss: a divergence stops all at the same step

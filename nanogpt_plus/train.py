@@ -7,6 +7,7 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/training.html.md"""
 # %% ../nbs/08_training.ipynb #0d13fafc
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +33,10 @@ from .device import DTYPES, autocast, resolve_device, resolve_dtype
 from .optim import lr_at, lr_wsd, make_muon_optimizer, make_optimizer, set_lr  # Muon, WSD: chapter 12
 
 # %% auto #0
-__all__ = ['TrainConfig', 'check_train_config', 'Callback', 'run_callbacks', 'clipped_step', 'build_optimizer', 'within_budget',
-           'run_dtype', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate', 'LogLoss', 'read_metrics',
-           'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint', 'trainer_state',
-           'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'standard_callbacks', 'evaluate']
+__all__ = ['TrainConfig', 'check_train_config', 'Callback', 'run_callbacks', 'accumulate', 'clipped_step', 'build_optimizer',
+           'within_budget', 'run_dtype', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate', 'LogLoss',
+           'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint',
+           'trainer_state', 'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'standard_callbacks', 'evaluate']
 
 # %% ../nbs/08_training.ipynb #5c90c41c
 @dataclass
@@ -111,6 +113,19 @@ def run_callbacks(trainer: Trainer, event: str, **kwargs) -> None:
     for cb in trainer.callbacks: getattr(cb, event)(trainer, **kwargs)
 
 # %% ../nbs/08_training.ipynb #527fd4b3
+def accumulate(trainer: Trainer, batches: list,
+               sync: Callable[[bool], contextlib.AbstractContextManager] | None = None) -> float:
+    "Forward and backward through one step's micro-batches `(x, y)`; returns their mean loss. `sync(last)` wraps each."
+    total = 0.0
+    for i, (x, y) in enumerate(batches):
+        with sync(i == len(batches) - 1) if sync else contextlib.nullcontext():
+            with autocast(trainer.device, trainer.dtype): _, loss = trainer.forward(x, y)
+            loss = loss / len(batches)  # mean over the big batch, not a sum of means
+            trainer.scaler.scale(loss).backward()  # .grad accumulates across micro-batches
+        total += loss.item()
+    return total
+
+
 def clipped_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, parameters, max_norm: float) -> None:
     "Clip the accumulated gradient to `max_norm` (0: no clipping), take the optimizer step, clear the gradients."
     if max_norm > 0:
@@ -165,14 +180,11 @@ class Trainer:
 
     def train_step(self) -> float:
         "One optimizer step; returns its loss (the mean over all micro-batches)."
-        cfg, total = self.config, 0.0
+        cfg = self.config
         set_lr(self.optimizer, cfg.lr(self.step))  # the schedule's value for *this* step, before it is taken
-        for _ in range(cfg.grad_accum_steps):
-            x, y = get_batch(self.train_data, cfg.batch_size, cfg.context_size, self.batch_rng, self.device)
-            with autocast(self.device, self.dtype): _, loss = self.forward(x, y)
-            loss = loss / cfg.grad_accum_steps  # mean over the big batch, not a sum of means
-            self.scaler.scale(loss).backward()  # .grad accumulates across micro-batches
-            total += loss.item()
+        batches = [get_batch(self.train_data, cfg.batch_size, cfg.context_size, self.batch_rng, self.device)
+                   for _ in range(cfg.grad_accum_steps)]
+        total = accumulate(self, batches)
         clipped_step(self.optimizer, self.scaler, self.model.parameters(), cfg.grad_clip)
         self.step += 1
         self.tokens_seen, self.flops = self.tokens_seen + cfg.tokens_per_step, self.flops + self.flops_per_step
