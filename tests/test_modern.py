@@ -8,6 +8,7 @@ import torch
 
 from nanogpt_plus import cli, train
 from nanogpt_plus.attention import CausalSelfAttention, Rotary
+from nanogpt_plus.block import TanhGELU
 from nanogpt_plus.checkpoint import estimate_params, load_checkpoint, load_trainer_state, save_checkpoint
 from nanogpt_plus.gpt import GPT, GPTConfig
 from nanogpt_plus.optim import MuonWithAdamW, lr_at, lr_wsd, make_muon_optimizer, make_optimizer, newton_schulz_flops
@@ -115,7 +116,7 @@ def test_defaults_are_gpt2():
         ("learned", "layernorm", False, "gelu", True, None, False)
     m = model(jitter=False)
     assert m.lm_head.weight is m.tok_emb.weight and type(m.blocks[0].ln1) is torch.nn.LayerNorm
-    assert type(m.blocks[0].mlp.act) is torch.nn.GELU and m.blocks[0].attn.rotary is None
+    assert type(m.blocks[0].mlp.act) is TanhGELU and m.blocks[0].attn.rotary is None
 
 
 def test_zero_init_and_untied_head():
