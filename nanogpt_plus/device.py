@@ -8,13 +8,16 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/devices.html.md"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import platform
 from pathlib import Path
 
 import torch
 
 # %% auto #0
-__all__ = ['DTYPES', 'resolve_device', 'cpu_has_fast_bf16', 'resolve_dtype', 'autocast', 'memory_available', 'check_memory']
+__all__ = ['DTYPES', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'resolve_device', 'cpu_has_fast_bf16', 'resolve_dtype', 'autocast',
+           'memory_available', 'check_memory', 'reuse_freed_memory']
 
 # %% ../nbs/07a_devices.ipynb #5adac650
 def resolve_device(name: str = "auto") -> torch.device:
@@ -78,3 +81,16 @@ def check_memory(needed: int, device: torch.device, what: str) -> None:
     if needed > free:
         raise MemoryError(f"{what} needs at least {needed / 2**30:,.1f} GiB, but {device.type} has only "
                           f"{free / 2**30:,.1f} GiB free: choose a smaller model or batch")
+
+# %% ../nbs/07a_devices.ipynb #4754e1be
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory(limit: int = 2**30) -> bool:
+    "Let glibc keep freed blocks under `limit` bytes for reuse instead of unmapping them; False where it cannot."
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc": return False  # macOS, Windows, musl
+    libc = ctypes.CDLL(None)  # the C library this process already uses
+    # blocks under the mmap threshold come from the heap, which gives memory back only above the trim threshold
+    for size in (limit, 32 * 2**20):  # older glibc refuses thresholds above 32 MiB
+        if libc.mallopt(M_MMAP_THRESHOLD, size) and libc.mallopt(M_TRIM_THRESHOLD, 2 * size): return True
+    return False

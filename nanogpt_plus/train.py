@@ -29,7 +29,7 @@ from .attention import ATTENTION_PATHS
 from .checkpoint import (CheckpointError, RunLock, load_checkpoint, load_trainer_state, recover,
                                      save_checkpoint)  # load_* are re-exported: train.load_checkpoint is the book's name
 from .data import atomic_write, get_batch
-from .device import DTYPES, autocast, resolve_device, resolve_dtype
+from .device import DTYPES, autocast, resolve_device, resolve_dtype, reuse_freed_memory
 from .optim import lr_at, lr_wsd, make_muon_optimizer, make_optimizer, set_lr  # Muon, WSD: chapter 12
 
 # %% auto #0
@@ -167,6 +167,7 @@ class Trainer:
         self.config, self.train_data, self.val_data = config, train_data, val_data
         self.callbacks = sorted(callbacks or [], key=lambda cb: cb.order)
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        if self.device.type == "cpu": reuse_freed_memory()  # no page faults for each step's activations (chapter 7a)
         self.dtype = run_dtype(model, config.dtype, self.device)
         self.model = model.to(self.device)
         self.forward = torch.compile(self.model) if config.compile else self.model

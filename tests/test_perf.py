@@ -172,3 +172,34 @@ def test_roofline_counts_the_flops_mfu_counts(size):
     assert roof["linear layers (matmul)"][0] + roof["attention"][0] == model.flops_per_token(T) * B * T
     assert all(flops >= 0 and nbytes > 0 for flops, nbytes in roof.values())
     assert math.isclose(roof["optimizer and clipping"][1], 40 * model.num_params())
+
+
+def test_gelu_is_gpt2s_in_float32_and_within_rounding_in_bfloat16():
+    from nanogpt_plus.block import MLP, TanhGELU
+    assert isinstance(MLP(8).act, TanhGELU)
+    torch.manual_seed(0)
+    x, g = 4 * torch.randn(64, 1024), torch.randn(64, 1024)
+    xf = x.clone().requires_grad_()
+    ours, theirs = TanhGELU()(xf), F.gelu(x.clone().requires_grad_(), approximate="tanh")
+    assert torch.equal(ours, theirs)  # float32: bit for bit, so GPT-2's weights reproduce OpenAI's outputs
+    xb, xr = x.bfloat16().requires_grad_(), x.bfloat16().float().requires_grad_()
+    yb, yr = TanhGELU()(xb), F.gelu(xr, approximate="tanh")
+    yb.backward(g.bfloat16())
+    yr.backward(g.bfloat16().float())
+    assert ((yb.float() - yr).abs() <= 5e-4 + 2**-8 * yr.abs()).all()
+    assert ((xb.grad.float() - xr.grad).abs() <= 1e-3 * g.abs() + 2**-8 * xr.grad.abs()).all()
+    assert not torch.equal(yb, F.gelu(xb.detach(), approximate="tanh"))  # the exact kernel really ran
+
+
+def test_freed_memory_is_kept_where_glibc_allows(monkeypatch):
+    import platform
+    from nanogpt_plus import device
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert device.reuse_freed_memory() is expected
+    assert device.reuse_freed_memory() is expected  # idempotent
+    monkeypatch.setattr(device.platform, "system", lambda: "Darwin")
+    assert device.reuse_freed_memory() is False  # elsewhere: nothing to set, no error
+    called = []
+    monkeypatch.setattr(train, "reuse_freed_memory", lambda: called.append(True))
+    trainer(tiny_gpt())
+    assert called == [True]  # the CPU trainer asks for it
