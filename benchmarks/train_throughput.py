@@ -5,10 +5,13 @@ chapter 8 (6 layers, 6 heads, 384 wide, context 256, vocabulary 65, no dropout; 
 GPT-2, which always has them; `--bias` gives ours biases too):
 
 - `ours`: `nanogpt_plus.train.Trainer.train_step` with its defaults: autocast to the dtype `--dtype auto` picks
-  (bfloat16 on CPUs with AMX or AVX512-BF16, float32 elsewhere), fused AdamW, gradient clipping, and the attention
-  path chapter 4 measures as the faster one on this machine;
-- `peer_same`: `GPT2LMHeadModel` in the *same* precision (autocast to our dtype), sdpa attention, fused AdamW,
-  gradient clipping: the best-configured peer;
+  (bfloat16 on CPUs with AMX or AVX512-BF16, float32 elsewhere), fused AdamW, gradient clipping, the attention
+  path chapter 4 measures as the faster one on this machine, and chapter 5's GELU (the exact kernel in bfloat16 on
+  a CPU). Its `Trainer` also makes glibc keep freed memory (chapter 7a); that setting holds for the whole process,
+  so the peers below run with it too;
+- `peer_same`: `GPT2LMHeadModel` in the *same* precision (autocast to our dtype), sdpa attention, PyTorch's fused
+  tanh GELU (`gelu_pytorch_tanh`, the same function as GPT-2's `gelu_new`, which transformers writes out in several
+  operations), fused AdamW, gradient clipping: the best-configured peer;
 - `peer_fp32`: `GPT2LMHeadModel` as a user gets it by default: float32, its default attention, torch's default
   AdamW, gradient clipping;
 - `ours_fp32` (with `--fp32`): our trainer with `dtype="float32"`, to check that the float32 path (what a CPU without
@@ -51,14 +54,14 @@ def our_step(shape: dict, data, B: int, T: int, dtype: str, bias: bool):
 
 
 def peer_step(shape: dict, data, B: int, T: int, dtype: torch.dtype, tuned: bool):
-    "A training step of transformers' GPT-2: `tuned` is sdpa and fused AdamW, else the defaults of transformers and torch."
+    "A training step of transformers' GPT-2: `tuned` is sdpa, the fused GELU and fused AdamW, else the defaults."
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=65, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         bos_token_id=0, eos_token_id=0, **shape)
-    if tuned: config._attn_implementation = "sdpa"
+    if tuned: config._attn_implementation, config.activation_function = "sdpa", "gelu_pytorch_tanh"
     model = GPT2LMHeadModel(config).train()
     if tuned: assert model.config._attn_implementation == "sdpa"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=tuned or None)
