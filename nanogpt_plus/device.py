@@ -1,4 +1,4 @@
-"""Where to compute (CPU, CUDA, Apple's MPS), in what precision (bfloat16, float16 with a gradient scaler, float32), and whether a model fits in the memory that is free, before anything is allocated.
+"""Where to compute (CPU, CUDA, Apple's MPS), in what precision (bfloat16, float16 with a gradient scaler, float32), whether a model fits in the memory that is free, before anything is allocated, and memory kept for the next step.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/devices.html.md"""
 

@@ -1,4 +1,4 @@
-"""The two roofs of a CPU (matrix products and memory), a profile of the training step before and after, the attention path chosen by measurement, and the limit on this machine.
+"""The two roofs of a CPU (matrix products and memory), a profile of the training step before and after, the attention path chosen by measurement, the GELU's price and the page faults of freed memory, and the limit on this machine.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/performance.html.md"""
 
