@@ -16,6 +16,9 @@ GPT-2, which always has them; `--bias` gives ours biases too):
   AdamW, gradient clipping;
 - `ours_fp32` (with `--fp32`): our trainer with `dtype="float32"`, to check that the float32 path (what a CPU without
   fast bfloat16 runs) does not lose to `peer_fp32`.
+- with `--peer-variants`, the same-precision peer with one setting changed, to check that `peer_same`'s are its best:
+  its `eager` attention, GPT-2's `gelu_new`, and the exact GELU (a different function, which the peer would have to
+  take in float32 too).
 
 The models take turns in every round, so that load from other processes hits all alike, and each round also
 measures the matmul peak of bfloat16 and of float32 (best of short bursts of square matmuls). Throughputs are the
@@ -27,6 +30,7 @@ are not matmuls). Prints one JSON line.
     python benchmarks/train_throughput.py                  # batch 8 and 32, the char size
     python benchmarks/train_throughput.py --fp32 --threads 1   # on a machine shared with other work
     python benchmarks/train_throughput.py --batch-sizes 8 --n-layer 4 --n-embd 128 --n-head 4 --context-size 64
+    python benchmarks/train_throughput.py --batch-sizes 8 --peer-variants --rounds 5   # are the peer's settings its best?
 """
 import argparse
 import json
@@ -53,18 +57,24 @@ def our_step(shape: dict, data, B: int, T: int, dtype: str, bias: bool):
     return trainer.train_step, trainer.dtype, model.flops_per_token(T)
 
 
-def peer_step(shape: dict, data, B: int, T: int, dtype: torch.dtype, tuned: bool):
-    "A training step of transformers' GPT-2: `tuned` is sdpa, the fused GELU and fused AdamW, else the defaults."
+TUNED = dict(attention="sdpa", gelu="gelu_pytorch_tanh", fused_adamw=True)  # the peer's best settings here
+PEER_VARIANTS = {"peer_eager_attention": dict(TUNED, attention="eager"), "peer_gelu_new": dict(TUNED, gelu="gelu_new"),
+                 "peer_exact_gelu": dict(TUNED, gelu="gelu")}  # --peer-variants: each differs from TUNED in one setting
+
+
+def peer_step(shape: dict, data, B: int, T: int, dtype: torch.dtype, settings: dict | None = None):
+    "A training step of transformers' GPT-2 with `settings` (attention, gelu, fused_adamw), or its defaults if None."
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=65, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         bos_token_id=0, eos_token_id=0, **shape)
-    if tuned: config._attn_implementation, config.activation_function = "sdpa", "gelu_pytorch_tanh"
+    if settings: config._attn_implementation, config.activation_function = settings["attention"], settings["gelu"]
     model = GPT2LMHeadModel(config).train()
-    if tuned: assert model.config._attn_implementation == "sdpa"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=tuned or None)
+    if settings: assert model.config._attn_implementation == settings["attention"]
+    fused = settings["fused_adamw"] if settings else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, fused=fused)
     rng = torch.Generator().manual_seed(1337)  # the generator our trainer draws its batches with: the same windows
 
     def step():
@@ -86,8 +96,10 @@ def measure(args, B: int) -> dict:
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     data = torch.randint(65, (200_000,), generator=torch.Generator().manual_seed(0))
     ours, dtype, flops_per_token = our_step(shape, data, B, T, "auto", args.bias)
-    steps = {"ours": (ours, dtype), "peer_same": (peer_step(shape, data, B, T, dtype, tuned=True), dtype),
-             "peer_fp32": (peer_step(shape, data, B, T, torch.float32, tuned=False), torch.float32)}
+    steps = {"ours": (ours, dtype), "peer_same": (peer_step(shape, data, B, T, dtype, TUNED), dtype),
+             "peer_fp32": (peer_step(shape, data, B, T, torch.float32), torch.float32)}
+    if args.peer_variants:
+        steps.update({name: (peer_step(shape, data, B, T, dtype, v), dtype) for name, v in PEER_VARIANTS.items()})
     if args.fp32: steps["ours_fp32"] = (our_step(shape, data, B, T, "float32", args.bias)[0], torch.float32)
     n = max(1, args.tokens_per_round // (B * T))  # steps per round: the same work at every batch size
     for step, _ in steps.values():  # warm-up: allocator, kernels, optimizer state, the attention path measurement
@@ -124,6 +136,8 @@ def main(argv=None):
                    help="timed tokens per model and round (at least one step): short rounds pair the models closely")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--fp32", action="store_true", help="also time our trainer in float32 against the float32 peer")
+    p.add_argument("--peer-variants", action="store_true",
+                   help="also time the peer with its eager attention, with gelu_new, and with the exact GELU")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
