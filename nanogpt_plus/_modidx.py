@@ -622,5 +622,6 @@ d = { 'settings': { 'branch': 'main',
                                     'nanogpt_plus.train.run_dtype': ('training.html#run_dtype', 'nanogpt_plus/train.py'),
                                     'nanogpt_plus.train.save_loss_plot': ('training.html#save_loss_plot', 'nanogpt_plus/train.py'),
                                     'nanogpt_plus.train.standard_callbacks': ('training.html#standard_callbacks', 'nanogpt_plus/train.py'),
+                                    'nanogpt_plus.train.train_device': ('training.html#train_device', 'nanogpt_plus/train.py'),
                                     'nanogpt_plus.train.trainer_state': ('training.html#trainer_state', 'nanogpt_plus/train.py'),
                                     'nanogpt_plus.train.within_budget': ('training.html#within_budget', 'nanogpt_plus/train.py')}}}

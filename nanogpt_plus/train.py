@@ -34,8 +34,8 @@ from .optim import lr_at, lr_wsd, make_muon_optimizer, make_optimizer, set_lr  #
 
 # %% auto #0
 __all__ = ['TrainConfig', 'check_train_config', 'Callback', 'run_callbacks', 'accumulate', 'clipped_step', 'build_optimizer',
-           'within_budget', 'run_dtype', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate', 'LogLoss',
-           'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint',
+           'within_budget', 'run_dtype', 'train_device', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate',
+           'LogLoss', 'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint',
            'trainer_state', 'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'standard_callbacks', 'evaluate']
 
 # %% ../nbs/08_training.ipynb #5c90c41c
@@ -158,6 +158,13 @@ def run_dtype(model: nn.Module, dtype: str, device: torch.device) -> torch.dtype
     matmuls = any(isinstance(m, nn.Linear) for m in model.modules())
     return resolve_dtype("float32" if dtype == "auto" and not matmuls else dtype, device)
 
+
+def train_device(device: str | torch.device) -> torch.device:
+    "The `torch.device` to train on; on a CPU, glibc also keeps freed memory for the next step (chapter 7a)."
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if device.type == "cpu": reuse_freed_memory()  # no page faults for each step's activations
+    return device
+
 # %% ../nbs/08_training.ipynb #c5475234
 class Trainer:
     "Train `model` on 1-D token sequences `train_data`/`val_data`; `callbacks` add evaluation, checkpoints, ..."
@@ -166,8 +173,7 @@ class Trainer:
         check_windows(model, train_data, val_data, config.context_size)
         self.config, self.train_data, self.val_data = config, train_data, val_data
         self.callbacks = sorted(callbacks or [], key=lambda cb: cb.order)
-        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-        if self.device.type == "cpu": reuse_freed_memory()  # no page faults for each step's activations (chapter 7a)
+        self.device = train_device(device)
         self.dtype = run_dtype(model, config.dtype, self.device)
         self.model = model.to(self.device)
         self.forward = torch.compile(self.model) if config.compile else self.model
