@@ -212,8 +212,8 @@ class DistributedTrainer(Trainer):
         total = accumulate(self, batches, self.gradient_sync)  # the flag holds forward and backward: DDP reads it in the forward
         clipped_step(self.optimizer, self.scaler, self.model.parameters(), cfg.grad_clip)
         self.step += 1
-        tokens = cfg.tokens_per_step  # the whole run's
-        self.tokens_seen, self.flops = self.tokens_seen + tokens, self.flops + self.flops_per_token * tokens
+        # the whole run's tokens and FLOPs (the optimizer's too), as one process with the same batch counts them
+        self.tokens_seen, self.flops = self.tokens_seen + cfg.tokens_per_step, self.flops + self.flops_per_step
         mean = torch.tensor(total / self.job.world_size, dtype=torch.float64, device=self.device)
         dist.all_reduce(mean)  # every process gets the same loss: a divergence stops all at the same step
         return mean.item()

@@ -329,3 +329,13 @@ def test_three_processes_for_a_batch_of_four_are_refused(data, tmp_path):
     assert r.returncode != 0
     assert 1 <= r.stderr.count("cannot be shared evenly by 3 processes") <= 3, r.stderr[-3000:]
     assert "training gpt" not in r.stderr and not (tmp_path / "o" / MANIFEST).exists()  # nothing trained or written
+
+
+def test_a_distributed_run_counts_the_flops_of_one_process_with_the_same_batch(data, tmp_path):
+    "The whole run's FLOPs, Muon's Newton-Schulz iterations included, as one process counts them and a budget assumes."
+    muon = ("--optimizer", "muon", "--grad-accum-steps", "2", "--max-iters", "2")
+    r = torchrun(data, tmp_path / "two", *muon, "--parallel", "ddp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    single(data, tmp_path / "one", *muon)
+    one, two = load_trainer_state(tmp_path / "one"), load_trainer_state(tmp_path / "two")
+    assert one["flops"] > 0 and two["flops"] == one["flops"], (one["flops"], two["flops"])
