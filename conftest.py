@@ -9,6 +9,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(items):
+    # Tests marked `cuda` need a GPU: without one they are skipped, and the skip says why and where they do run.
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if cuda:
+        import pytest
+        import torch
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA GPU (none here): tools/gpu_check.sh runs it on a GPU machine")
+            for item in cuda: item.add_marker(skip)
     # nbdev-clean blanks every execution_count, and nbval reads a blank count as "this reference cell was never
     # run" and refuses to compare it. Our notebooks are always saved after a full run, so give each cell a count.
     for item in items:

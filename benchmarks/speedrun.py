@@ -15,7 +15,8 @@ depend on the machine and on what else it is doing; the loss and the FLOPs do no
 
 `--out FILE` appends the line to FILE with two more keys: `curve` (validation loss on fixed batches against FLOPs)
 and `sample` (400 characters after "ROMEO:", temperature 0.8, a fixed seed). `--from-dir DIR` reads a run that
-finished in DIR (one started with `--out-dir DIR`) instead of training again.
+finished in DIR (one started with `--out-dir DIR`) instead of training again. `--device cuda` trains on a GPU
+(`tools/gpu_check.sh`); `--smoke` spends 1% of the budget, to check that the run works (on a CPU, in seconds).
 """
 import argparse
 import json
@@ -40,9 +41,14 @@ def main(argv=None):
     p.add_argument("--out-dir", type=Path, help="where the run's files stay (default: a temporary directory)")
     p.add_argument("--out", type=Path, help="a JSON lines file to append the line to, with the curve and a sample")
     p.add_argument("--from-dir", type=Path, help="summarise the run that finished in this directory, do not train")
+    p.add_argument("--device", help="where to train (default: the recipe's, auto: a GPU if there is one)")
+    p.add_argument("--smoke", action="store_true", help="1%% of the budget: checks that the run works, measures nothing")
     args = p.parse_args(argv)
     name = "shakespeare-char" if args.baseline else RECIPES[args.budget]
-    flags = ["--max-flops", f"{args.budget:g}"] if args.baseline else []
+    budget = args.budget / 100 if args.smoke else args.budget
+    flags = ["--max-flops", f"{budget:g}"] if args.baseline or args.smoke else []
+    if args.smoke: flags += ["--warmup-iters", "2", "--eval-interval", "10"]
+    if args.device: flags += ["--device", args.device]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.from_dir or args.out_dir or Path(tmp) / "run"
         load, start = os.getloadavg()[0], time.perf_counter()
@@ -52,11 +58,11 @@ def main(argv=None):
         total = time.perf_counter() - start
         summary = run_summary(out)
         config = tomllib.loads((out / "run.toml").read_text())
-        line = {"recipe": name, "val_loss": summary["val_loss"], "flops": summary["flops"], "budget": args.budget,
+        line = {"recipe": name, "val_loss": summary["val_loss"], "flops": summary["flops"], "budget": budget,
                 "steps": summary["steps"], "tokens": summary["tokens"], "wall_s": summary["wall_s"],
                 "total_s": None if args.from_dir else round(total, 1), "tokens_per_s": summary["tokens_per_s"],
                 "load_avg": None if args.from_dir else [round(load, 1), round(os.getloadavg()[0], 1)],
-                "cpus": os.cpu_count(), "config": config}
+                "cpus": os.cpu_count(), "device": args.device or "auto", "config": config}
         print(json.dumps(line))
         if args.out:
             line |= {"curve": summary["curve"], "sample": sample(out)}
