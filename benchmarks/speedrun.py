@@ -16,7 +16,7 @@ depend on the machine and on what else it is doing; the loss and the FLOPs do no
 `--out FILE` appends the line to FILE with two more keys: `curve` (validation loss on fixed batches against FLOPs)
 and `sample` (400 characters after "ROMEO:", temperature 0.8, a fixed seed). `--from-dir DIR` reads a run that
 finished in DIR (one started with `--out-dir DIR`) instead of training again. `--device cuda` trains on a GPU
-(`tools/gpu_check.sh`); `--smoke` spends 1% of the budget, to check that the run works (on a CPU, in seconds).
+(`tools/gpu_check.sh`); `--smoke` spends 0.1% of the budget, to check that the run works (on a CPU, in seconds).
 """
 import argparse
 import json
@@ -42,10 +42,11 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="a JSON lines file to append the line to, with the curve and a sample")
     p.add_argument("--from-dir", type=Path, help="summarise the run that finished in this directory, do not train")
     p.add_argument("--device", help="where to train (default: the recipe's, auto: a GPU if there is one)")
-    p.add_argument("--smoke", action="store_true", help="1%% of the budget: checks that the run works, measures nothing")
+    p.add_argument("--smoke", action="store_true",
+                   help="0.1%% of the budget (a step or two): checks that the run works, measures nothing")
     args = p.parse_args(argv)
     name = "shakespeare-char" if args.baseline else RECIPES[args.budget]
-    budget = args.budget / 100 if args.smoke else args.budget
+    budget = args.budget / 1000 if args.smoke else args.budget
     flags = ["--max-flops", f"{budget:g}"] if args.baseline or args.smoke else []
     if args.smoke: flags += ["--warmup-iters", "2", "--eval-interval", "10"]
     if args.device: flags += ["--device", args.device]

@@ -197,7 +197,10 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--out-dir", metavar="DIR", help="checkpoint directory: latest checkpoint, metrics.jsonl, loss.png "
                     "and run.toml in DIR, best validation loss in DIR/best (default: checkpoints/bigram, "
                     "checkpoints/gpt-SIZE)")
-    ev.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir exactly where it stopped")
+    ev.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir exactly where it stopped "
+                    "(a run that has done its steps is complete: it says so and exits with status 0)")
+    ev.add_argument("--auto-resume", action="store_true", help="continue the run in --out-dir if it holds one, else "
+                    "start it: one command for every launch of a job that a scheduler stops and starts again")
     ev.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir holds a checkpoint")
     run = parser.add_argument_group("hardware")
     run.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto: cuda, else mps, else cpu)")
@@ -239,7 +242,7 @@ def _add_finetune_args(parser: argparse.ArgumentParser) -> None:
                     f"to adapt: attn, mlp, qkv, proj, fc, blocks.N, ... (default: {LORA_DEFAULTS['targets']}: all of them)")
 
 # %% ../nbs/11_cli.ipynb #4014dde1
-_NOT_SETTINGS = ("help", "config", "out_dir", "resume", "overwrite", "no_progress", "func", "command", "parallel",
+_NOT_SETTINGS = ("help", "config", "out_dir", "resume", "auto_resume", "overwrite", "no_progress", "func", "command", "parallel",
                  "dist_timeout")
 
 
@@ -357,7 +360,8 @@ def _check_train_args(args) -> None:
     if args.gpt2_config and args.tokenizer not in (None, "gpt2"):
         raise ValueError(f"--gpt2-config trains with GPT-2's tokenizer: drop --tokenizer {args.tokenizer}, or pass "
                          "--size (or the shape flags) instead of --gpt2-config")
-    if args.resume and args.overwrite: raise ValueError("pass --resume or --overwrite, not both")
+    if (args.resume or args.auto_resume) and args.overwrite:
+        raise ValueError(f"pass --{'auto-' if args.auto_resume else ''}resume or --overwrite, not both")
     if args.max_iters is not None and args.max_flops is not None:  # a run configuration may set one, a flag the other
         print(f"note: --max-flops {args.max_flops:g} decides the number of steps; --max-iters is ignored", file=sys.stderr)
 
@@ -444,10 +448,7 @@ def _resume(out: Path, args, given: dict):
     state = load_trainer_state(out)
     saved = dict(state["config"])
     if saved["lr_decay_iters"] is None: saved["lr_decay_iters"] = saved["max_iters"]  # a longer run keeps its schedule
-    config = TrainConfig(**{**saved, **given})
-    if config.max_iters <= state["step"]:
-        raise ValueError(f"the run in {out} has done its {state['step']} steps: pass a larger --max-iters to go on")
-    return model, tokenizer, state, config
+    return model, tokenizer, state, TrainConfig(**{**saved, **given})
 
 # %% ../nbs/11_cli.ipynb #a20b5621
 def train_command(args) -> int:
@@ -464,11 +465,17 @@ def _train(args, job: Job | None) -> int:
     out = Path(args.out_dir) if args.out_dir else default_out_dir(args)
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f, None) is not None}
     held = (out / "config.json").exists() or is_adapter(out)  # a model, or a LoRA run's adapter
+    if args.auto_resume: args.resume = held  # a relaunch continues the run, the first launch starts it
     if args.resume and not held:
         raise FileNotFoundError(f"nothing to resume in {out}: it holds no checkpoint; train without --resume first")
     with RunLock(out) if main else contextlib.nullcontext():
         state = base = None
-        if args.resume: model, tokenizer, state, config = _resume(out, args, given)
+        if args.resume:
+            model, tokenizer, state, config = _resume(out, args, given)
+            if config.max_iters <= state["step"]:  # nothing left to do: a success, so a relaunch loop ends here
+                if main: print(f"the run in {out} is complete: it has done its {state['step']} steps (a larger "
+                               "--max-iters continues it)")
+                return 0
         elif held and not args.overwrite:
             raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, --overwrite to start "
                              "again, or another --out-dir")

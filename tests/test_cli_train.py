@@ -98,9 +98,61 @@ def test_bad_checkpoint_directories(tmp_path, data, capsys):
     assert cli.main(["train", "bigram", "--data", str(data), "--max-iters", "5", "--out-dir", str(out), *FAST]) == 0
     fails(capsys, "bigram", "--data", data, "--max-iters", 5, "--out-dir", out, *FAST, match="already holds a checkpoint")
     fails(capsys, "gpt", "--data", data, "--out-dir", out, "--resume", *FAST, match="holds a bigram model")
-    fails(capsys, "bigram", "--data", data, "--max-iters", 5, "--out-dir", out, "--resume", *FAST, match="has done its 5 steps")
+    fails(capsys, "bigram", "--data", data, "--out-dir", out, "--resume", "--overwrite", *FAST, match="not both")
+    fails(capsys, "bigram", "--data", data, "--out-dir", out, "--auto-resume", "--overwrite", *FAST, match="not both")
     fails(capsys, "bigram", "--data", data, "--out-dir", tmp_path / "nothing", "--resume", *FAST, match="nothing to resume")
     assert not (tmp_path / "nothing").exists()  # and nothing was created
+
+
+def test_resuming_a_finished_run_is_a_success(tmp_path, data, capsys):
+    "`--resume` (or `--auto-resume`) on a run that has done its steps: exit 0, it says so, nothing is written."
+    out = tmp_path / "ck"
+    assert cli.main(["train", "bigram", "--data", str(data), "--max-iters", "5", "--out-dir", str(out), *FAST]) == 0
+    files = lambda: {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}  # the run lock is taken
+    before = files()
+    for flag in ("--resume", "--auto-resume"):
+        capsys.readouterr()
+        assert cli.main(["train", "bigram", "--data", str(data), "--out-dir", str(out), flag, *FAST]) == 0
+        assert "is complete: it has done its 5 steps" in capsys.readouterr().out
+    assert files() == before
+    assert cli.main(["train", "bigram", "--data", str(data), "--max-iters", "8", "--out-dir", str(out), "--resume", *FAST]) == 0
+    assert load_trainer_state(out)["step"] == 8  # a larger --max-iters still continues it
+
+
+@pytest.mark.slow
+def test_a_scheduler_relaunches_the_same_command_until_it_succeeds(tmp_path, data):
+    """A job scheduler's loop: launch one command, SIGKILL it once a new checkpoint is on disk, launch the very same
+    command again, until it exits 0. The run ends with the weights of a run never stopped, and one more launch of the
+    finished job exits 0 at once."""
+    command = [sys.executable, "-m", "nanogpt_plus", "train", "gpt", "--data", str(data), "--n-layer", "1", "--n-head",
+               "2", "--n-embd", "16", "--dropout", "0.1", "--max-iters", "120", "--auto-resume", "--dtype", "float32",
+               *FAST]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    out = tmp_path / "job"
+    kills, launches, seen = 0, 0, 0
+    while launches < 20:
+        launches += 1
+        p = subprocess.Popen([*command, "--out-dir", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        while p.poll() is None and kills < 3:  # kill it once its checkpoint is past the last one seen
+            try: step = load_trainer_state(out)["step"]
+            except Exception: step = 0  # none yet, or being replaced
+            if step > seen:
+                seen = step
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.02)
+        _, err = p.communicate(timeout=300)
+        if p.returncode == 0: break
+        assert p.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert p.returncode == 0 and kills >= 1, (launches, kills)
+    again = subprocess.run([*command, "--out-dir", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "is complete" in again.stdout
+    straight = subprocess.run([*command, "--out-dir", str(tmp_path / "straight")], env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    a, b = (load_checkpoint(d)[0].state_dict() for d in (out, tmp_path / "straight"))
+    for name in a: assert torch.equal(a[name], b[name]), name
 
 
 def test_errors_have_no_traceback_in_a_real_process(tmp_path):
