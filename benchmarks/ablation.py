@@ -7,7 +7,7 @@ included), with each seed. It records the validation loss over the whole validat
 curve of the loss on 10 fixed validation batches against FLOPs. One JSON line per run goes to --out (appended, so
 an interrupted ablation resumes where it stopped: runs already in the file are skipped), and a summary line to stdout.
 
-    python benchmarks/ablation.py --out benchmarks/ablation.jsonl --jobs 2      # everything: 12 variants x 2 seeds
+    python benchmarks/ablation.py --out nanogpt_plus/results/ablation.jsonl --jobs 2      # everything: 12 variants x 2 seeds
     python benchmarks/ablation.py --variants gpt2,all --seeds 1337 --jobs 2 --out /tmp/check.jsonl   # the check
 """
 import argparse

@@ -9,14 +9,14 @@ reports the median time of its timed steps, and the median over the rounds count
 
 Memory: `state_bytes` counts the bytes of the tensors a process holds after a backward (weights, gradients,
 optimizer moments: its shards under FSDP2); the resident set size is what the operating system saw, the Python
-interpreter and torch's libraries included: its peak (ru_maxrss) and its value after the last step. `--memory-only`
-also runs both strategies with glibc's large-allocation threshold fixed (MALLOC_MMAP_THRESHOLD_=131072), which
-returns freed buffers to the system at once: by default glibc raises that threshold as buffers are freed, and
-FSDP2's gathered weights and gradients, freed and allocated again at every unit, then stay resident. Prints one
-JSON line.
+interpreter and torch's libraries included: its peak (ru_maxrss) and its value after the last step. The trainer
+sets glibc's thresholds itself (`reuse_freed_memory`, chapter 7a: freed blocks up to 1 GiB are kept for reuse), so
+what the operating system sees is what a training run of the library holds. Prints one JSON line; `--out FILE`
+also appends it to FILE (the book reads `nanogpt_plus/results/distributed_throughput.jsonl`).
 
     python benchmarks/distributed_throughput.py                  # small GPT (4 x 128, context 64) on 2 processes
-    python benchmarks/distributed_throughput.py --memory-only --n-layer 8 --n-embd 512 --n-head 8
+    python benchmarks/distributed_throughput.py --memory-only --n-layer 8 --n-embd 512 --n-head 8 --batch-size 8 --steps 10
+    python benchmarks/distributed_throughput.py --out nanogpt_plus/results/distributed_throughput.jsonl   # keep it
 """
 import argparse
 import json
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -96,6 +97,7 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of the one process; N processes get T/N each")
     p.add_argument("--memory-only", action="store_true", help="one DDP run and one FSDP2 run, for their memory")
+    p.add_argument("--out", type=Path, help="a JSON lines file to append the line to")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -105,18 +107,18 @@ def main(argv=None):
     if args.worker: return worker(args)
 
     load = os.getloadavg()[0]
-    each, mmap = max(1, args.threads // args.nproc), {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    each = max(1, args.threads // args.nproc)
     runs = {"one": (1, None, args.threads, {}), "one-1-thread": (1, None, 1, {}), "ddp": (args.nproc, "ddp", each, {}),
             "fsdp": (args.nproc, "fsdp", each, {})}
     if args.memory_only:
         runs = {name: runs[name] for name in ("ddp", "fsdp")}
-        runs |= {"ddp-mmap-threshold": (args.nproc, "ddp", each, mmap), "fsdp-mmap-threshold": (args.nproc, "fsdp", each, mmap)}
         args.rounds = 1
     results = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items(): results[name].append(launch(args, *run))
     tokens = args.batch_size * args.grad_accum_steps * args.context_size
-    out = {"benchmark": "distributed_throughput", "config": {k: getattr(args, k) for k in model_keys}, "nproc": args.nproc,
+    out = {"benchmark": "distributed_throughput", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+           "memory_only": args.memory_only, "config": {k: getattr(args, k) for k in model_keys}, "nproc": args.nproc,
            "threads": args.threads, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
            "load_average_before": round(load, 2), "load_average_after": round(os.getloadavg()[0], 2)}
     for name, reports in results.items():
@@ -131,6 +133,8 @@ def main(argv=None):
         for name in ("one-1-thread", "ddp", "fsdp"):
             out[name]["speed_vs_one"] = round(out[name]["tokens_per_s"] / out["one"]["tokens_per_s"], 3)
     print(json.dumps(out))
+    if args.out:
+        with open(args.out, "a") as f: f.write(json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ depend on the machine and on what else it is doing; the loss and the FLOPs do no
 
     python benchmarks/speedrun.py --budget 5e13
     python benchmarks/speedrun.py --budget 1.5e14 --out-dir runs/speedrun   # keep the checkpoint and metrics
-    python benchmarks/speedrun.py --budget 5e13 --out benchmarks/speedrun.jsonl   # and keep the line, curve and sample
+    python benchmarks/speedrun.py --budget 5e13 --out nanogpt_plus/results/speedrun.jsonl   # and keep the line, curve and sample
 
 `--out FILE` appends the line to FILE with two more keys: `curve` (validation loss on fixed batches against FLOPs)
 and `sample` (400 characters after "ROMEO:", temperature 0.8, a fixed seed). `--from-dir DIR` reads a run that

@@ -29,7 +29,7 @@ from .train import (Callback, Checkpoint, Evaluate, LogLoss, MetricsFile, Progre
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'Job', 'torchrun_job', 'share_of_step', 'rank_batches', 'PeerLost', 'gist', 'lost_peer', 'connect',
-           'joined', 'end_process', 'shard_model', 'local', 'whole', 'DistributedTrainer', 'check_agreement',
+           'joined', 'shard_model', 'local', 'whole', 'end_process', 'DistributedTrainer', 'check_agreement',
            'SyncStop', 'estimate_loss_shared', 'DistributedEvaluate', 'full_weights', 'gather_model',
            'gather_trainer_state', 'finite_everywhere', 'DistributedCheckpoint', 'rank_seed', 'shard_optimizer_state',
            'restore_job_state', 'job_callbacks', 'state_bytes', 'bytes_sent_per_step']
@@ -151,14 +151,6 @@ def joined(job: Job | None):
         if job is not None and dist.is_initialized():
             with contextlib.suppress(Exception): dist.destroy_process_group()
 
-# %% ../nbs/15_distributed.ipynb #3aaa2952
-def end_process(status: int) -> None:
-    "Exit with `status`; a process of a torchrun job skips Python's shutdown, where leftover gloo threads may abort it."
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ: sys.exit(status)  # one plain process
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception): stream.flush()  # os._exit does not flush: say everything first
-    os._exit(status)
-
 # %% ../nbs/15_distributed.ipynb #c43caf21
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     "Shard `model` in place with FSDP2, from process 0's weights: each transformer block a unit, the rest the root."
@@ -178,6 +170,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def whole(t: torch.Tensor) -> torch.Tensor:
     "All of `t`: an FSDP2 weight gathered from every process (a collective), the tensor itself otherwise."
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+# %% ../nbs/15_distributed.ipynb #3aaa2952
+def end_process(status: int) -> None:
+    "Exit with `status`; a process of a torchrun job skips Python's shutdown, where leftover gloo threads may abort it."
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ: sys.exit(status)  # one plain process
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception): stream.flush()  # os._exit does not flush: say everything first
+    os._exit(status)
 
 # %% ../nbs/15_distributed.ipynb #aafb7486
 class DistributedTrainer(Trainer):
