@@ -1,7 +1,7 @@
 """Training throughput: our GPT (as `nanogpt-plus train` runs it) against transformers' GPT2LMHeadModel, like with like.
 
-Every model trains on the same batches in the same process, at batch 8 and at batch 32, at the char size of
-chapter 8 (6 layers, 6 heads, 384 wide, context 256, vocabulary 65, no dropout; no biases for ours, biases for
+Every model trains on the same batches in the same process, at batch 8 and at batch 32, in the medium
+shape of chapter 8c (chapter 6's `medium` preset: 6 layers, 6 heads, 384 wide, context 256, vocabulary 65; no dropout; no biases for ours, biases for
 GPT-2, which always has them; `--bias` gives ours biases too):
 
 - `ours`: `nanogpt_plus.train.Trainer.train_step` with its defaults: autocast to the dtype `--dtype auto` picks
@@ -28,7 +28,7 @@ model's dtype measured in that round, then the median. FLOPs per token are our m
 6 x (matmul parameters) + 12 x n_layer x n_embd x context, the same count for the peer (its biases and layer norms
 are not matmuls). Prints one JSON line.
 
-    python benchmarks/train_throughput.py                  # batch 8 and 32, the char size
+    python benchmarks/train_throughput.py                  # batch 8 and 32, the medium shape
     python benchmarks/train_throughput.py --fp32 --threads 1   # on a machine shared with other work
     python benchmarks/train_throughput.py --batch-sizes 8 --n-layer 4 --n-embd 128 --n-head 4 --context-size 64
     python benchmarks/train_throughput.py --batch-sizes 8 --peer-variants --rounds 5   # are the peer's settings its best?
