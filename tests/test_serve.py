@@ -261,3 +261,40 @@ def test_queue_bound_429_and_disconnects_free_their_rows(ckpt):
     finally:
         for cm, _ in streams: cm.__exit__(None, None, None)
         s.stop()
+
+
+def test_page_writes_and_draws_attention_in_chromium(server, ckpt, tmp_path):
+    "The page at / in the system Chromium: type a prompt, generate, see the text, the heatmap drawn, no console errors."
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the page's test needs playwright: pip install playwright")
+    chrome = os.environ.get("CHROME") or next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+                                                if Path(p).exists()), None)
+    if chrome is None: pytest.skip("no Chromium: apt-get install chromium, or set CHROME")
+    want = "First" + generate_greedy(ckpt, "First", 40)
+    errors = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chrome, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 1100})
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/", timeout=30_000)
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('tiny')", timeout=30_000)
+            page.fill("#prompt", "First")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "40")
+            page.fill("#api_key", KEY)
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.includes('drawn')", timeout=60_000)
+            assert page.inner_text("#output") == want
+            shaded = page.eval_on_selector_all("#output span[title]", "s => s.map(e => e.title)")
+            assert len(shaded) >= 20 and all(t.startswith("p = ") for t in shaded)
+            inked = page.evaluate("""() => { const c = document.getElementById('heatmap');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+                for (let i = 0; i < d.length; i += 4) if (d[i] < 250) n++; return [n, c.width]; }""")
+            assert inked[0] > 0 and inked[1] >= CONTEXT  # the last 32 tokens, at least a pixel each
+            page.select_option("#head", "1")
+            page.wait_for_function("document.getElementById('heatmap').title.includes('head 1')", timeout=30_000)
+            page.screenshot(path=os.environ.get("SERVE_SCREENSHOT", str(tmp_path / "page.png")), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
