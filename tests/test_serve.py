@@ -1,6 +1,7 @@
 """`nanogpt-plus serve` started for real in a subprocess on a loopback port, driven by the `openai` client and by
 hostile requests; its greedy completions are compared with `nanogpt-plus generate --temperature 0`."""
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -17,10 +18,10 @@ from nanogpt_plus.checkpoint import save_checkpoint
 from nanogpt_plus.gpt import GPT, GPTConfig
 from nanogpt_plus.tokenizer import CharTokenizer
 
-for _name in ("fastapi", "uvicorn", "openai", "httpx"):
-    pytest.importorskip(_name, reason=f"the server's tests need {_name}: pip install -e '.[serve,dev]'")
-import httpx  # noqa: E402
-import openai  # noqa: E402
+MISSING = [name for name in ("fastapi", "uvicorn", "openai", "httpx") if importlib.util.find_spec(name) is None]
+if not MISSING:
+    import httpx
+    import openai
 
 CORPUS = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n"
 KEY = "test-key-123"
@@ -36,6 +37,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     "A small random GPT (context 32) with a character tokenizer, saved as `train` saves one."
+    if MISSING: pytest.skip(f"the server's tests need {', '.join(MISSING)}: pip install -e '.[serve,dev]'")
     root = tmp_path_factory.mktemp("serve") / "tiny"
     tok = CharTokenizer(CORPUS)
     torch.manual_seed(0)
@@ -89,10 +91,33 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def generate_greedy(ckpt, prompt: str, n: int) -> str:
+def test_module_imports_without_the_server_packages():
+    code = ("import sys; import nanogpt_plus.serve; "
+            "assert not {'fastapi', 'uvicorn', 'starlette'} & set(sys.modules), 'imported at import time'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def serve_cli(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "nanogpt_plus", "serve", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+def test_cli_errors_are_one_sentence_and_exit_2(ckpt, tmp_path):
+    r = serve_cli("--checkpoint", tmp_path / "none")
+    assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint at") and "Traceback" not in r.stderr
+    r = serve_cli()
+    assert r.returncode == 2 and "pass one of --checkpoint and --gpt2-config" in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = serve_cli("--checkpoint", ckpt, "--port", taken.getsockname()[1])
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def generate_greedy(ckpt, prompt: str, n: int, *flags) -> str:
     "What `nanogpt-plus generate --temperature 0` writes after the prompt."
     r = subprocess.run([sys.executable, "-m", "nanogpt_plus", "generate", "gpt", "--checkpoint", str(ckpt),
-                        "--continue-tokens", prompt, "--max-new-tokens", str(n), "--temperature", "0"],
+                        "--continue-tokens", prompt, "--max-new-tokens", str(n), "--temperature", "0", *flags],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(prompt) and r.stdout.endswith("\n")
@@ -112,9 +137,11 @@ def test_greedy_equals_generate_streamed_or_not(server, client, ckpt, prompt, n)
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
     assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == n
-    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == want
-    assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) >= n // 2  # streamed in pieces
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                                            logprobs=0))
+    assert "".join(c.choices[0].text for c in chunks) == want and chunks[-1].choices[0].finish_reason == "length"
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert "".join(tokens) == want and len(tokens) == n  # every token once, whether an event carries one or several
 
 
 def test_long_prompt_is_cropped_as_generate_does(server, ckpt):
@@ -236,8 +263,8 @@ def test_64_concurrent_streams_all_finish_with_the_right_text(server, ckpt):
     assert server.wait_for(lambda h: h["active"] == 0 and h["waiting"] == 0, "an idle engine")
 
 
-def test_queue_bound_429_and_disconnects_free_their_rows(ckpt):
-    s = Server(ckpt, "--max-batch", 1, "--max-queue", 2, "--max-tokens", 100_000)
+def test_queue_bound_429_and_disconnects_free_their_rows_int8(ckpt):
+    s = Server(ckpt, "--max-batch", 1, "--max-queue", 2, "--max-tokens", 100_000, "--dtype", "int8")
     body = {"model": "tiny", "prompt": "a", "max_tokens": 100_000, "stream": True}
     streams = []
     try:
@@ -257,7 +284,8 @@ def test_queue_bound_429_and_disconnects_free_their_rows(ckpt):
             assert h["steps"] > steps
             while streams: streams.pop()[0].__exit__(None, None, None)
             s.wait_for(lambda h: h["active"] == 0 and h["waiting"] == 0, "every row freed")
-            assert c.post(s.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}).status_code == 200
+            r = c.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "All:", "max_tokens": 20, "temperature": 0})
+            assert r.json()["choices"][0]["text"] == generate_greedy(ckpt, "All:", 20, "--dtype", "int8")  # int8 weights
     finally:
         for cm, _ in streams: cm.__exit__(None, None, None)
         s.stop()

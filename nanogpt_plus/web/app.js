@@ -68,13 +68,12 @@ async function generate() {
         if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
         const chunk = JSON.parse(line.slice(6));
         if (chunk.error) throw new Error(chunk.error.message);
-        const choice = chunk.choices[0];
-        if (choice.text) {
-          const lp = choice.logprobs ? choice.logprobs.token_logprobs[0] : 0;
-          addToken(choice.text, lp);
-          text += choice.text;
-          tokens += 1;
-        }
+        const choice = chunk.choices[0], lp = choice.logprobs;
+        if (lp) tokens += lp.tokens.length;  // one event may carry several tokens when the page reads slowly
+        if (!choice.text) continue;
+        if (lp && lp.tokens.join("") === choice.text) lp.tokens.forEach((t, k) => addToken(t, lp.token_logprobs[k]));
+        else addToken(choice.text, lp ? Math.min(...lp.token_logprobs) : 0);  // text and tokens apart: shade the whole
+        text += choice.text;
       }
     }
     lastText = prompt + text;
