@@ -326,3 +326,27 @@ def test_page_writes_and_draws_attention_in_chromium(server, ckpt, tmp_path):
         finally:
             browser.close()
     assert not errors, errors
+
+
+def test_serves_a_gpt2_directory(tmp_path):
+    "A transformers GPT-2 directory (save_pretrained) is served as `generate --gpt2-config DIR` samples it."
+    transformers = pytest.importorskip("transformers")
+    if MISSING: pytest.skip(f"the server's tests need {', '.join(MISSING)}")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, initializer_range=0.2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2-tiny")
+    prompt = "To be, or not to be"
+    gen = subprocess.run([sys.executable, "-m", "nanogpt_plus", "generate", "gpt", "--gpt2-config", str(tmp_path / "gpt2-tiny"),
+                          "--continue-tokens", prompt, "--max-new-tokens", "12", "--temperature", "0"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert gen.returncode == 0, gen.stderr
+    want = gen.stdout[len(prompt):-1]
+    s = Server(tmp_path / "gpt2-tiny")
+    try:
+        r = httpx.post(s.url + "/v1/completions", timeout=60,
+                       json={"model": "gpt2-tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0}).json()
+    finally:
+        s.stop()
+    choice = r["choices"][0]
+    if choice["finish_reason"] == "length": assert choice["text"] == want
+    else: assert want.startswith(choice["text"])  # <|endoftext|> ends a served text; generate writes on
