@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import tomllib
@@ -34,6 +35,7 @@ from .gpt import GPT, MLPS, NORMS, OVERFLOW_MODES, POS_EMBS, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
 from .lora import (adapter_callbacks, add_lora, base_source, is_adapter, load_adapted, load_base,
                                lora_layers, read_adapter_config, strip_lora)
+from .serve import ServeLimits, serve
 from .tokenizer import GPT2Tokenizer
 from .tokens import bpe_vocabulary, char_vocabulary, encode_file, load_tokens, prepare_tokens
 from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_state,
@@ -42,13 +44,13 @@ from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_
 # %% auto #0
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
            'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS', 'SHAPE_FLAGS',
-           'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'tokenizer_spec',
-           'tokenizer_name', 'same_tokenizer', 'add_train_args', 'add_parallel_args', 'recipes', 'read_run_config',
-           'config_defaults', 'write_run_config', 'new_tokenizer', 'shakespeare_path', 'load_training_data',
-           'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command', 'add_generate_args', 'load_model_for',
-           'start_token', 'generation_model', 'generate_command', 'add_prepare_args', 'prepare_command',
-           'add_quantize_args', 'quantize_command', 'add_merge_args', 'merge_command', 'build_parser', 'parse_args',
-           'main']
+           'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'SERVE_DTYPES',
+           'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args', 'add_parallel_args', 'recipes',
+           'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer', 'shakespeare_path',
+           'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
+           'add_generate_args', 'load_model_for', 'start_token', 'generation_model', 'generate_command',
+           'add_prepare_args', 'prepare_command', 'add_quantize_args', 'quantize_command', 'add_merge_args',
+           'merge_command', 'add_serve_args', 'serve_command', 'build_parser', 'parse_args', 'main']
 
 # %% ../nbs/11_cli.ipynb #78cad1c9
 GPT_SIZES = tuple(name for name in PRESETS if name not in GPT2_HUB_REPOS)  # the character-level presets
@@ -755,9 +757,52 @@ def merge_command(args) -> int:
     print(f"the adapter in {args.adapter}, merged into its base: an ordinary checkpoint in {out}")
     return 0
 
+# %% ../nbs/11_cli.ipynb #5e7a18c0
+SERVE_DTYPES = ["float32", "bfloat16", "int8"]  # serve --dtype
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Declare the options of `nanogpt-plus serve` on `parser`."
+    src = parser.add_argument_group("the model (one of these)")
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint of `train` or `quantize`, a LoRA adapter, or a "
+                     "GPT-2 directory written by transformers' save_pretrained")
+    src.add_argument("--gpt2-config", metavar="NAME", help=f"OpenAI GPT-2 weights: {', '.join(GPT2_CONFIGS)}")
+    net = parser.add_argument_group("the server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                     "only; 0.0.0.0 opens it to the network)")
+    net.add_argument("--port", type=positive_int, default=8000, help="(default: %(default)s)")
+    net.add_argument("--api-key", metavar="KEY", default=os.environ.get("NANOGPT_PLUS_API_KEY"), help="require "
+                     "'Authorization: Bearer KEY' (default: $NANOGPT_PLUS_API_KEY, else no key)")
+    net.add_argument("--name", help="the model's id in the API (default: the directory's name)")
+    lim = parser.add_argument_group("limits")
+    lim.add_argument("--max-batch", type=positive_int, default=16, metavar="N", help="sequences decoded together (default: %(default)s)")
+    lim.add_argument("--max-queue", type=positive_int, default=64, metavar="N", help="sequences that may wait; more get "
+                     "429 (default: %(default)s)")
+    lim.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N", help="cap on max_tokens (default: %(default)s)")
+    run = parser.add_argument_group("speed")
+    run.add_argument("--dtype", choices=SERVE_DTYPES, help="format of the weights (default: float32, or what a "
+                     "checkpoint written by `quantize` holds)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    return parser
+
+
+def serve_command(args) -> int:
+    "Run `nanogpt-plus serve` with parsed `args`: load the model as `generate gpt` does, then serve it (chapter 18)."
+    if (args.checkpoint is None) == (args.gpt2_config is None): raise ValueError("pass one of --checkpoint and --gpt2-config")
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    try: hf = ckpt is not None and "model_type" in json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError, TypeError): hf = False  # loading below says what is wrong with the directory
+    source = argparse.Namespace(model="gpt", size=None, adapter=None, dtype=args.dtype, checkpoint=None if hf else args.checkpoint,
+                                gpt2_config=args.checkpoint if hf else args.gpt2_config)
+    model, tokenizer = generation_model(source, resolve_device(args.device))
+    if not isinstance(model, GPT): raise ValueError(f"{args.checkpoint} holds a {type(model).__name__}: serve runs GPTs")
+    name = args.name or (ckpt.resolve().name if ckpt else args.gpt2_config)
+    limits = ServeLimits(max_tokens=args.max_tokens, max_batch=args.max_batch, max_queue=args.max_queue)
+    return serve(model, tokenizer, name, args.host, args.port, args.api_key, limits)
+
 # %% ../nbs/11_cli.ipynb #8d2bb39d
 def build_parser() -> argparse.ArgumentParser:
-    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare`, `merge` and `quantize` commands."
+    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare`, `merge`, `quantize` and `serve` commands."
     parser = argparse.ArgumentParser(prog="nanogpt-plus", description="Train small GPT language models on a text file "
                                      "and sample from them.", epilog="`nanogpt-plus COMMAND --help` lists a command's "
                                      "options. Exit status: 0 done, 2 error, 130 stopped by Ctrl-C, 143 by SIGTERM.")
@@ -782,7 +827,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Merge a LoRA adapter (train --use-lora) into the model it adapts, and save the "
                            "result as an ordinary checkpoint.")
     add_merge_args(merge).set_defaults(func=merge_command)
-    parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "merge": merge, "quantize": quant}
+    srv = sub.add_parser("serve", help="serve a GPT over HTTP: the OpenAI completions API and a web page",
+                         description="Serve a GPT (ours, GPT-2, a LoRA adapter, a quantized one) with the OpenAI "
+                         "completions API under /v1 and a web page at /, decoding all open requests in one batch.")
+    add_serve_args(srv).set_defaults(func=serve_command)
+    parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "merge": merge, "quantize": quant,
+                          "serve": srv}
     return parser
 
 # %% ../nbs/11_cli.ipynb #15ef2b23
