@@ -308,12 +308,14 @@ def run_seeds(fn, seeds) -> dict:
 
 
 def _t_sf2(t: float, df: float, steps: int = 2000) -> float:
-    "P(|T| >= |t|) for Student's t with `df` degrees of freedom (Simpson's rule on the density)."
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    f = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)
-    t, h = abs(t), abs(t) / steps
+    "P(|T| >= |t|) for Student's t with `df` degrees of freedom: Simpson's rule on the tail, x = |t| / u for u in (0, 1]."
+    t = abs(t)
+    if t == 0: return 1.0
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)  # the density's constant
+    f = lambda u: 0.0 if u == 0 else c * (1 + (t / u) ** 2 / df) ** (-(df + 1) / 2) * t / u ** 2  # density * dx/du
+    h = 1 / steps
     area = h / 3 * sum(f(i * h) * (1 if i in (0, steps) else 4 if i % 2 else 2) for i in range(steps + 1))
-    return max(0.0, 1 - 2 * area)
+    return min(1.0, 2 * area)  # the tail directly, so that tiny p-values keep their digits
 
 
 def welch_test(a, b) -> dict:
@@ -468,7 +470,9 @@ def plot_bpc(report: dict, ax=None):
     for j, (label, vals) in enumerate(series.items()):
         ax.bar([i + j * width for i in range(len(names))], [vals[n] for n in names], width, label=label)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
-    ax.set_ylabel("bits per character (lower is better)"); ax.legend(fontsize=8, ncols=3)
+    top = max(v[n] for v in series.values() for n in names)
+    ax.set_ylim(0, 1.3 * top)  # room for the legend above the bars
+    ax.set_ylabel("bits per character (lower is better)"); ax.legend(fontsize=8, ncols=5, loc="upper center")
     return ax
 
 

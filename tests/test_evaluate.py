@@ -169,3 +169,11 @@ def test_load_any_reads_int8_copies_and_lora_adapters(ckpt, tmp_path):
     for d in ("int8", "adapter"):
         m, t = load_any(tmp_path / d)
         assert abs(bits_per_char(m, t, text, 32)["bpc"] - ref) < 0.05  # int8 rounding; a zero-initialised adapter
+
+
+def test_t_tail_matches_scipy_even_for_tiny_p_values():
+    stats = pytest.importorskip("scipy.stats")
+    from nanogpt_plus.evaluate import _t_sf2
+    for df in (2, 3.78, 10):
+        for t in (0.3, 2.0, 5.0, 21.0):
+            assert math.isclose(_t_sf2(t, df), 2 * stats.t.sf(t, df), rel_tol=1e-6)
