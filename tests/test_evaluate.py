@@ -1,6 +1,7 @@
 "Chapter 19's metrics against values computed independently here, and `nanogpt-plus eval` in a subprocess."
 import bz2
 import hashlib
+import json
 import lzma
 import math
 import os
@@ -129,12 +130,16 @@ def ckpt(tmp_path_factory):
 
 def test_eval_writes_the_report_beside_the_checkpoint_and_touches_nothing(ckpt):
     before = snapshot(ckpt / "gpt")
-    r = run("--checkpoint", ckpt / "gpt")
+    (ckpt / "mine.txt").write_text("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 20)
+    r = run("--checkpoint", ckpt / "gpt", "--text", ckpt / "mine.txt")
     assert r.returncode == 0, r.stderr
     after = snapshot(ckpt / "gpt")
     assert {k: v for k, v in after.items() if k in before} == before
     assert {"report.md", "report.json", "bpc.png", "reliability.png"} <= set(after)
     assert "bits/char" in (ckpt / "gpt" / "report.md").read_text()
+    report = json.loads((ckpt / "gpt" / "report.json").read_text())
+    assert set(report["bpc"]) == {"training", "validation", "unseen plays", "poems", "mine.txt"}
+    assert report["compressors"]["lzma"]["mine.txt"] < 1.0  # a text repeated 20 times costs lzma little
     assert "eval (quick)" in r.stderr  # the progress bar
 
 
