@@ -26,7 +26,8 @@ from .bigram import BigramLanguageModel, check_sampling_args, generate, stream
 from .checkpoint import (RunLock, estimate_params, load_checkpoint, load_trainer_state,
                                      save_checkpoint)
 from .device import DTYPES, check_memory, resolve_device
-from .data import atomic_write, nanogpt_plus_home, tiny_shakespeare, train_val_split
+from .data import atomic_write, load_text, nanogpt_plus_home, tiny_shakespeare, train_val_split
+from .evaluate import SUITES, evaluate_checkpoint
 from .distributed import (STRATEGIES, DistributedTrainer, Job, gather_model, job_callbacks, joined,
                                       restore_job_state, torchrun_job)
 from .fastgen import FastDecoder, load_quantized, prepare_decoding, save_quantized, weight_bytes
@@ -50,7 +51,8 @@ __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positi
            'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
            'add_generate_args', 'load_model_for', 'start_token', 'generation_model', 'generate_command',
            'add_prepare_args', 'prepare_command', 'add_quantize_args', 'quantize_command', 'add_merge_args',
-           'merge_command', 'add_serve_args', 'serve_command', 'build_parser', 'parse_args', 'main']
+           'merge_command', 'add_serve_args', 'serve_command', 'add_eval_args', 'eval_command', 'build_parser',
+           'parse_args', 'main']
 
 # %% ../nbs/11_cli.ipynb #78cad1c9
 GPT_SIZES = tuple(name for name in PRESETS if name not in GPT2_HUB_REPOS)  # the character-level presets
@@ -800,9 +802,28 @@ def serve_command(args) -> int:
     limits = ServeLimits(max_tokens=args.max_tokens, max_batch=args.max_batch, max_queue=args.max_queue)
     return serve(model, tokenizer, name, args.host, args.port, args.api_key, limits)
 
+# %% ../nbs/11_cli.ipynb #4f9bd65e
+def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Declare the options of `nanogpt-plus eval` on `parser`."
+    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="a checkpoint, an int8/bf16 copy, a LoRA "
+                        "adapter or a directory of GPT-2 weights (transformers' layout)")
+    parser.add_argument("--suite", default="quick", help=f"{' or '.join(SUITES)}: quick takes about a minute on two "
+                        "cores (default: %(default)s)")
+    parser.add_argument("--text", metavar="FILE", help="also score this UTF-8 text file")
+    parser.add_argument("--out-dir", metavar="DIR", help="where to write the report (default: the checkpoint's directory)")
+    return parser
+
+
+def eval_command(args) -> int:
+    "Run `nanogpt-plus eval` with parsed `args`."
+    extra = {Path(args.text).name: load_text(args.text)} if args.text else None  # empty or not UTF-8: a clear error
+    evaluate_checkpoint(args.checkpoint, args.suite, args.out_dir, extra=extra)
+    print(f"wrote report.md, report.json, bpc.png and reliability.png to {args.out_dir or args.checkpoint}")
+    return 0
+
 # %% ../nbs/11_cli.ipynb #8d2bb39d
 def build_parser() -> argparse.ArgumentParser:
-    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare`, `merge`, `quantize` and `serve` commands."
+    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare`, `merge`, `quantize`, `serve` and `eval` commands."
     parser = argparse.ArgumentParser(prog="nanogpt-plus", description="Train small GPT language models on a text file "
                                      "and sample from them.", epilog="`nanogpt-plus COMMAND --help` lists a command's "
                                      "options. Exit status: 0 done, 2 error, 130 stopped by Ctrl-C, 143 by SIGTERM.")
@@ -831,8 +852,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Serve a GPT (ours, GPT-2, a LoRA adapter, a quantized one) with the OpenAI "
                          "completions API under /v1 and a web page at /, decoding all open requests in one batch.")
     add_serve_args(srv).set_defaults(func=serve_command)
+    ev = sub.add_parser("eval", help="a report card for a model, offline: report.md, report.json and plots",
+                        description="Score a model on held-out plays and poems against compressors and an n-gram "
+                        "model; measure copying, real words, calibration and a cloze test (chapter 19).")
+    add_eval_args(ev).set_defaults(func=eval_command)
     parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "merge": merge, "quantize": quant,
-                          "serve": srv}
+                          "serve": srv, "eval": ev}
     return parser
 
 # %% ../nbs/11_cli.ipynb #15ef2b23
