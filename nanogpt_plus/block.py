@@ -43,13 +43,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     "Pre-norm transformer block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`."
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, *, norm: str = "layernorm",
-                 mlp: str = "gelu", rope: bool = False, qk_norm: bool = False):
+                 mlp: str = "gelu", rope: bool = False, qk_norm: bool = False, n_kv_head: int | None = None,
+                 rope_theta: float = 10_000.0, norm_eps: float | None = None):
         super().__init__()
         _check_attention_sizes(n_embd, n_head, dropout)
-        # the keyword options choose chapter 12's parts; their defaults are GPT-2's
-        self.ln1 = nn.LayerNorm(n_embd, bias=bias) if norm == "layernorm" else make_norm(norm, n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, rope=rope, qk_norm=qk_norm)
-        self.ln2 = nn.LayerNorm(n_embd, bias=bias) if norm == "layernorm" else make_norm(norm, n_embd)
+        # the keyword options choose chapter 12's (and 17's) parts; their defaults are GPT-2's
+        eps = {} if norm_eps is None else {"eps": norm_eps}  # None: each norm's own default
+        self.ln1 = nn.LayerNorm(n_embd, bias=bias, **eps) if norm == "layernorm" else make_norm(norm, n_embd, eps=norm_eps)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, rope=rope, qk_norm=qk_norm, n_kv_head=n_kv_head,
+                                        rope_theta=rope_theta, norm_eps=norm_eps)
+        self.ln2 = nn.LayerNorm(n_embd, bias=bias, **eps) if norm == "layernorm" else make_norm(norm, n_embd, eps=norm_eps)
         self.mlp = MLP(n_embd, dropout, bias) if mlp == "gelu" else make_mlp(mlp, n_embd, dropout, bias)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
@@ -59,10 +62,10 @@ class Block(nn.Module):
         return x
 
 # %% ../nbs/12_modern_gpt.ipynb #f868dc18
-def make_norm(kind: str, n_embd: int, bias: bool = True) -> nn.Module:
-    "A norm by name: GPT-2's `layernorm` (with a bias if `bias`), or `rmsnorm` (a gain, no bias, no mean)."
-    if kind == "layernorm": return nn.LayerNorm(n_embd, bias=bias)
-    if kind == "rmsnorm": return nn.RMSNorm(n_embd, eps=1e-5)
+def make_norm(kind: str, n_embd: int, bias: bool = True, eps: float | None = None) -> nn.Module:
+    "A norm by name: GPT-2's `layernorm` (with a bias if `bias`), or `rmsnorm` (a gain, no bias, no mean); `eps` or 1e-5."
+    if kind == "layernorm": return nn.LayerNorm(n_embd, bias=bias, eps=eps or 1e-5)
+    if kind == "rmsnorm": return nn.RMSNorm(n_embd, eps=eps or 1e-5)
     raise ValueError(f"unknown norm {kind!r}: choose layernorm or rmsnorm")
 
 # %% ../nbs/12_modern_gpt.ipynb #857fec22
