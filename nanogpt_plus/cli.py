@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import json
 import math
 import sys
@@ -32,23 +34,28 @@ from .fastgen import FastDecoder, load_quantized, prepare_decoding, save_quantiz
 from .generate import TextStream, to_decode_layout
 from .gpt import GPT, MLPS, NORMS, OVERFLOW_MODES, POS_EMBS, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
-from .lora import (adapter_callbacks, add_lora, base_source, is_adapter, load_adapted, load_base,
-                               lora_layers, read_adapter_config, strip_lora)
-from .tokenizer import GPT2Tokenizer
+from .interop import export_hf, is_hf_directory, load_hf, read_hf_config, write_atomically
+from .lora import (adapter_callbacks, add_lora, base_source, describe_base, is_adapter, load_adapted,
+                               load_base, lora_layers, read_adapter_config, strip_lora)
+from .tokenizer import CharTokenizer, GPT2Tokenizer
 from .tokens import bpe_vocabulary, char_vocabulary, encode_file, load_tokens, prepare_tokens
 from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_state,
                                 standard_callbacks)
 
+# chapter 17b's GGUF and ONNX writers, where this version has them (`export --format gguf|onnx` says so otherwise)
+formats = importlib.import_module("nanogpt_plus.formats") if importlib.util.find_spec("nanogpt_plus.formats") else None
+
 # %% auto #0
-__all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
-           'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS', 'SHAPE_FLAGS',
-           'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'tokenizer_spec',
-           'tokenizer_name', 'same_tokenizer', 'add_train_args', 'add_parallel_args', 'recipes', 'read_run_config',
-           'config_defaults', 'write_run_config', 'new_tokenizer', 'shakespeare_path', 'load_training_data',
-           'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command', 'add_generate_args', 'load_model_for',
-           'start_token', 'generation_model', 'generate_command', 'add_prepare_args', 'prepare_command',
-           'add_quantize_args', 'quantize_command', 'add_merge_args', 'merge_command', 'build_parser', 'parse_args',
-           'main']
+__all__ = ['formats', 'GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int',
+           'positive_float', 'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS',
+           'SHAPE_FLAGS', 'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES',
+           'EXPORT_FORMATS', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args',
+           'add_parallel_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer',
+           'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
+           'add_generate_args', 'load_model_for', 'start_token', 'generation_model', 'generate_command',
+           'add_prepare_args', 'prepare_command', 'add_quantize_args', 'quantize_command', 'add_merge_args',
+           'merge_command', 'load_hf_for_cli', 'init_base', 'add_export_args', 'export_command', 'build_parser',
+           'parse_args', 'main']
 
 # %% ../nbs/11_cli.ipynb #78cad1c9
 GPT_SIZES = tuple(name for name in PRESETS if name not in GPT2_HUB_REPOS)  # the character-level presets
@@ -472,7 +479,7 @@ def _train(args, job: Job | None) -> int:
         elif held and not args.overwrite:
             raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, --overwrite to start "
                              "again, or another --out-dir")
-        elif args.init_from: base = load_base(args.init_from, device)  # (model, tokenizer, identity)
+        elif args.init_from: base = init_base(args, device)  # (model, tokenizer, identity)
         ids, tokenizer = load_training_data(args, tokenizer if state else base[1] if base else None)
         if state is None: model, config = _new_run(args, given, tokenizer, base, device)
         train_data, val_data = train_val_split(cut_to_fraction(ids, args.dataset_fraction or 1.0, config.context_size), 0.1)
@@ -607,6 +614,7 @@ def load_model_for(args, device: torch.device, dtype: torch.dtype | None = None)
     if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt}: train one with `nanogpt-plus train {args.model} --out-dir "
                                 f"{ckpt}`" + ("" if args.checkpoint else ", or pass --checkpoint DIR or --gpt2-config NAME"))
+    if is_hf_directory(ckpt): return load_hf_for_cli(ckpt, device)  # chapter 17: a transformers directory
     return load_checkpoint(ckpt, device=device, kind=args.model)
 
 
@@ -748,9 +756,67 @@ def merge_command(args) -> int:
     print(f"the adapter in {args.adapter}, merged into its base: an ordinary checkpoint in {out}")
     return 0
 
+# %% ../nbs/11_cli.ipynb #09c979bc
+EXPORT_FORMATS = ("hf", "gguf", "onnx")  # gguf and onnx: chapter 17b's writers (module formats)
+
+
+def load_hf_for_cli(path, device, training: bool = False):
+    "`load_hf` for the command line: refused without a tokenizer (and, to train, with one our checkpoints cannot store)."
+    model, tokenizer = load_hf(path, device)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer.json, so text cannot be turned into its tokens: copy the model's "
+                         "tokenizer files into that directory")
+    if training and not isinstance(tokenizer, (CharTokenizer, GPT2Tokenizer)):
+        raise ValueError(f"the tokenizer of {path} ({tokenizer!r}) cannot be stored in our checkpoints yet: fine-tune "
+                         "it from Python, or start from a directory that `nanogpt-plus export` wrote")
+    return model, tokenizer
+
+
+def init_base(args, device):
+    "What `train --init-from` starts from: `load_base`'s (model, tokenizer, identity), or a transformers directory's."
+    src = Path(args.init_from)
+    if not (src.is_dir() and is_hf_directory(src)) or read_hf_config(src).get("model_type") == "gpt2":
+        return load_base(args.init_from, device)  # our checkpoints, GPT-2 by name or directory (chapter 14)
+    if args.use_lora:
+        raise ValueError(f"--use-lora adapts GPT-2 or our checkpoints, and {src} holds a {read_hf_config(src)['model_type']} "
+                         "model: fine-tune it without --use-lora, or export it to a checkpoint first")
+    model, tokenizer = load_hf_for_cli(src, device, training=True)
+    return model.train(), tokenizer, describe_base(model, base_source(src))
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Declare the options of `nanogpt-plus export` on `parser`."
+    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="a checkpoint, a LoRA adapter (merged into "
+                        "its base first) or a transformers directory")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="hf: a transformers directory; gguf: a "
+                        "file for llama.cpp; onnx: a graph for onnxruntime")
+    parser.add_argument("--out", metavar="PATH", required=True, help="the directory (hf) or file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace what PATH holds (only once the new one is complete)")
+    return parser
+
+
+def export_command(args) -> int:
+    "Run `nanogpt-plus export` with parsed `args`."
+    src, out = Path(args.checkpoint), Path(args.out)
+    if out.exists() and not args.overwrite: raise ValueError(f"{out} exists already: pass --overwrite to replace it, or another --out")
+    if args.format != "hf" and formats is None:
+        raise ValueError(f"--format {args.format} is not available in this version (it needs nanogpt_plus.formats): use --format hf")
+    if _saved_weights(src):
+        raise ValueError(f"{src} holds {_saved_weights(src)} weights (from `nanogpt-plus quantize`): export the float32 checkpoint "
+                         "it came from, since de-quantized weights would pass for the trained ones")
+    if is_adapter(src): model, tokenizer = load_adapted(src); model = strip_lora(model, merge=True)
+    elif src.is_dir() and is_hf_directory(src): model, tokenizer = load_hf(src)
+    else: model, tokenizer = load_checkpoint(src, kind="gpt")
+    if args.format == "hf": export_hf(model, tokenizer, out, overwrite=args.overwrite)
+    else:  # a file of chapter 17b's, written beside PATH and moved there once complete
+        writer = getattr(formats, f"export_{args.format}")
+        write_atomically(out, lambda path: writer(model, tokenizer, path), overwrite=args.overwrite)
+    print(f"{args.format} export of the GPT in {src} ({model.num_params():,} parameters) written to {out}")
+    return 0
+
 # %% ../nbs/11_cli.ipynb #8d2bb39d
 def build_parser() -> argparse.ArgumentParser:
-    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare`, `merge` and `quantize` commands."
+    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare`, `merge`, `quantize` and `export` commands."
     parser = argparse.ArgumentParser(prog="nanogpt-plus", description="Train small GPT language models on a text file "
                                      "and sample from them.", epilog="`nanogpt-plus COMMAND --help` lists a command's "
                                      "options. Exit status: 0 done, 2 error, 130 stopped by Ctrl-C, 143 by SIGTERM.")
@@ -775,7 +841,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Merge a LoRA adapter (train --use-lora) into the model it adapts, and save the "
                            "result as an ordinary checkpoint.")
     add_merge_args(merge).set_defaults(func=merge_command)
-    parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "merge": merge, "quantize": quant}
+    export = sub.add_parser("export", help="write a GPT for transformers (hf), llama.cpp (gguf) or onnxruntime (onnx)",
+                            description="Write a checkpoint (a LoRA adapter merged into its base) in another format.")
+    add_export_args(export).set_defaults(func=export_command)
+    parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "merge": merge, "quantize": quant,
+                          "export": export}
     return parser
 
 # %% ../nbs/11_cli.ipynb #15ef2b23
