@@ -36,7 +36,7 @@ from .gpt import GPT, MLPS, NORMS, OVERFLOW_MODES, POS_EMBS, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
 from .interop import export_hf, is_hf_directory, load_hf, read_hf_config, write_atomically
 from .lora import (adapter_callbacks, add_lora, base_source, describe_base, is_adapter, load_adapted,
-                               load_base, lora_layers, read_adapter_config, strip_lora)
+                               load_adapter, load_base, lora_layers, read_adapter_config, strip_lora)
 from .tokenizer import CharTokenizer, GPT2Tokenizer
 from .tokens import bpe_vocabulary, char_vocabulary, encode_file, load_tokens, prepare_tokens
 from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_state,
@@ -54,8 +54,8 @@ __all__ = ['formats', 'GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESET
            'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
            'add_generate_args', 'load_model_for', 'start_token', 'generation_model', 'generate_command',
            'add_prepare_args', 'prepare_command', 'add_quantize_args', 'quantize_command', 'add_merge_args',
-           'merge_command', 'load_hf_for_cli', 'init_base', 'add_export_args', 'export_command', 'build_parser',
-           'parse_args', 'main']
+           'merge_command', 'load_hf_for_cli', 'init_base', 'load_adapted_any', 'add_export_args', 'export_command',
+           'build_parser', 'parse_args', 'main']
 
 # %% ../nbs/11_cli.ipynb #78cad1c9
 GPT_SIZES = tuple(name for name in PRESETS if name not in GPT2_HUB_REPOS)  # the character-level presets
@@ -446,7 +446,7 @@ STOP_STATUS = {"interrupted": 130, "terminated": 143}  # what shells report for 
 
 
 def _resume(out: Path, args, given: dict):
-    if is_adapter(out): model, tokenizer = load_adapted(out, base=args.init_from)  # its base, checked, and the adapter
+    if is_adapter(out): model, tokenizer = load_adapted_any(out, base=args.init_from)  # its base, checked, and the adapter
     else: model, tokenizer = load_checkpoint(out, kind=args.model)
     state = load_trainer_state(out)
     saved = dict(state["config"])
@@ -607,7 +607,7 @@ def load_model_for(args, device: torch.device, dtype: torch.dtype | None = None)
     "The `(model, tokenizer)` that `args` point to: a checkpoint, GPT-2 weights, or a default checkpoint directory."
     adapter = args.adapter or (args.checkpoint if args.checkpoint and is_adapter(args.checkpoint) else None)
     if adapter:  # a LoRA adapter on its base (chapter 14), merged: sampling then costs what the base's does
-        model, tokenizer = load_adapted(adapter, device, base=(args.checkpoint if args.adapter else None) or args.gpt2_config)
+        model, tokenizer = load_adapted_any(adapter, device, base=(args.checkpoint if args.adapter else None) or args.gpt2_config)
         return strip_lora(model, merge=True), tokenizer
     if args.gpt2_config: return load_gpt2(args.gpt2_config, device=device, dtype=dtype)
     ckpt = Path(args.checkpoint) if args.checkpoint else default_out_dir(args)
@@ -751,7 +751,7 @@ def merge_command(args) -> int:
     with RunLock(out):
         if (out / "config.json").exists() and not args.overwrite:
             raise ValueError(f"{out} already holds a checkpoint: pass --overwrite to replace it, or another --out-dir")
-        model, tokenizer = load_adapted(args.adapter, base=args.base)
+        model, tokenizer = load_adapted_any(args.adapter, base=args.base)
         save_checkpoint(out, strip_lora(model, merge=True), tokenizer)
     print(f"the adapter in {args.adapter}, merged into its base: an ordinary checkpoint in {out}")
     return 0
@@ -777,11 +777,18 @@ def init_base(args, device):
     src = Path(args.init_from)
     if not (src.is_dir() and is_hf_directory(src)) or read_hf_config(src).get("model_type") == "gpt2":
         return load_base(args.init_from, device)  # our checkpoints, GPT-2 by name or directory (chapter 14)
-    if args.use_lora:
-        raise ValueError(f"--use-lora adapts GPT-2 or our checkpoints, and {src} holds a {read_hf_config(src)['model_type']} "
-                         "model: fine-tune it without --use-lora, or export it to a checkpoint first")
-    model, tokenizer = load_hf_for_cli(src, device, training=True)
+    model, tokenizer = load_hf_for_cli(src, device, training=not args.use_lora)  # an adapter keeps no tokenizer
     return model.train(), tokenizer, describe_base(model, base_source(src))
+
+
+def load_adapted_any(directory, device="cpu", base=None):
+    "`load_adapted`, for a base that is a transformers directory too (chapter 14's loader reads GPT-2's only)."
+    source = base or read_adapter_config(directory)["base"].get("source")
+    src = Path(source) if source else None
+    if src is None or not (src.is_dir() and is_hf_directory(src)) or read_hf_config(src).get("model_type") == "gpt2":
+        return load_adapted(directory, device, base=base)
+    model, tokenizer = load_hf_for_cli(src, device)
+    return load_adapter(directory, model), tokenizer
 
 
 def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -804,7 +811,7 @@ def export_command(args) -> int:
     if _saved_weights(src):
         raise ValueError(f"{src} holds {_saved_weights(src)} weights (from `nanogpt-plus quantize`): export the float32 checkpoint "
                          "it came from, since de-quantized weights would pass for the trained ones")
-    if is_adapter(src): model, tokenizer = load_adapted(src); model = strip_lora(model, merge=True)
+    if is_adapter(src): model, tokenizer = load_adapted_any(src); model = strip_lora(model, merge=True)
     elif src.is_dir() and is_hf_directory(src): model, tokenizer = load_hf(src)
     else: model, tokenizer = load_checkpoint(src, kind="gpt")
     if args.format == "hf": export_hf(model, tokenizer, out, overwrite=args.overwrite)

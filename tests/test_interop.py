@@ -227,8 +227,23 @@ def test_cli_export_generate_train(ckpts, tmp_path):
             "--out-dir", tmp_path / "ft", "--no-progress", "--batch-size", "2", "--eval-interval", "1", "--eval-iters", "1")
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(tmp_path / "ft")[0].config.n_kv_head == 2
-    one_line_error(cli("train", "gpt", "--init-from", tmp_path / "hf", "--use-lora", "--data", ckpts / "corpus.txt",
-                       "--max-iters", "1", "--out-dir", tmp_path / "ft2"))
+    r = cli("train", "gpt", "--init-from", tmp_path / "hf", "--use-lora", "--data", ckpts / "corpus.txt", "--max-iters", "2",
+            "--out-dir", tmp_path / "lora", "--no-progress", "--batch-size", "2", "--eval-interval", "1", "--eval-iters", "1")
+    assert r.returncode == 0, r.stderr  # LoRA on a transformers directory: the adapter names it as its base
+    r = cli("generate", "gpt", "--checkpoint", tmp_path / "lora", "--temperature", "0", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", "--checkpoint", tmp_path / "lora", "--format", "hf", "--out", tmp_path / "lora-hf")
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_full_finetune_needs_a_storable_tokenizer(tmp_path):
+    "A byte-level BPE from tokenizer.json cannot go into our checkpoints: full fine-tuning says so; LoRA would not need it."
+    config, tok = export_cases()["llama"]
+    export_hf(GPT(config), tok, tmp_path / "bpe-hf")
+    (tmp_path / "corpus.txt").write_text(CORPUS * 30)
+    err = one_line_error(cli("train", "gpt", "--init-from", tmp_path / "bpe-hf", "--data", tmp_path / "corpus.txt",
+                             "--max-iters", "1", "--out-dir", tmp_path / "ft"))
+    assert "cannot be stored in our checkpoints" in err and not (tmp_path / "ft" / "config.json").exists()
 
 
 def test_cli_export_lora_merged(ckpts, tmp_path):
