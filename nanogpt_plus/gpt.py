@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .attention import KVCache
 from .bigram import crop_decoder, generate as sample_tokens  # chapter 3's sampling loop
-from .block import Block, make_norm
+from .block import Block, norm_layer
 
 # %% auto #0
 __all__ = ['PRESETS', 'POS_EMBS', 'NORMS', 'MLPS', 'OVERFLOW_MODES', 'GPTConfig', 'init_gpt_weights', 'Generates', 'GPT', 'CachedDecoder', 'soft_cap']
@@ -82,6 +82,11 @@ class GPTConfig:
     n_kv_head: int | None = None  # key/value heads, each shared by n_head // n_kv_head query heads; None: n_head
     rope_theta: float = 10_000.0  # the base of rotary embeddings' frequencies
     norm_eps: float | None = None  # epsilon of every norm; None: each norm's own (1e-5, QK-norm's 1e-6)
+
+    def __repr__(self) -> str:  # chapter 17's fields only where set, so that every earlier config prints as it did
+        late = {"n_kv_head": None, "rope_theta": 10_000.0, "norm_eps": None}
+        shown = [f.name for f in dataclasses.fields(self) if f.name not in late or getattr(self, f.name) != late[f.name]]
+        return f"GPTConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_size", "n_layer", "n_head", "n_embd"):
@@ -165,7 +170,7 @@ class GPT(Generates, nn.Module):
         parts = dict(norm=c.norm, mlp=c.mlp, rope=c.pos_emb == "rope", qk_norm=c.qk_norm,  # chapter 12's options
                      n_kv_head=c.n_kv_head, rope_theta=c.rope_theta, norm_eps=c.norm_eps)  # and chapter 17's
         self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout, c.bias, **parts) for _ in range(c.n_layer))
-        self.ln_f = make_norm(c.norm, c.n_embd, c.bias, c.norm_eps)
+        self.ln_f = norm_layer(c.norm, c.n_embd, c.bias, c.norm_eps)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings: self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix in and out
         init_gpt_weights(self, c.n_layer, c.zero_init)
