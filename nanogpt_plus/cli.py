@@ -756,10 +756,7 @@ def merge_command(args) -> int:
     print(f"the adapter in {args.adapter}, merged into its base: an ordinary checkpoint in {out}")
     return 0
 
-# %% ../nbs/11_cli.ipynb #09c979bc
-EXPORT_FORMATS = ("hf", "gguf", "onnx")  # gguf and onnx: chapter 17b's writers (module formats)
-
-
+# %% ../nbs/11_cli.ipynb #b91ba6d6
 def load_hf_for_cli(path, device, training: bool = False):
     "`load_hf` for the command line: refused without a tokenizer (and, to train, with one our checkpoints cannot store)."
     model, tokenizer = load_hf(path, device)
@@ -789,6 +786,9 @@ def load_adapted_any(directory, device="cpu", base=None):
         return load_adapted(directory, device, base=base)
     model, tokenizer = load_hf_for_cli(src, device)
     return load_adapter(directory, model), tokenizer
+
+# %% ../nbs/11_cli.ipynb #09c979bc
+EXPORT_FORMATS = ("hf", "gguf", "onnx")  # gguf and onnx: chapter 17b's writers (module formats)
 
 
 def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
