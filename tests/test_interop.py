@@ -270,3 +270,15 @@ def test_cli_bad_inputs(ckpts, hf_dirs, tmp_path):
     except ImportError:
         assert "not available" in one_line_error(cli("export", "--checkpoint", ckpts / "modern", "--format", "gguf",
                                                      "--out", tmp_path / "m.gguf"))
+
+
+def test_byte_level_tokenizer_streams_bytes(tmp_path):
+    "Our byte-level BPE through tokenizer.json: the same ids, and bytes per token, so a stream never splits a character."
+    from nanogpt_plus.interop import load_hf_tokenizer
+    text = "Héllo wörld, ünïcode ✓ text, with <|endoftext|> inside. " * 20
+    bpe = BPETokenizer.train(text, 290)
+    export_hf(GPT(GPTConfig(vocab_size=bpe.vocab_size, context_size=16, n_layer=1, n_head=2, n_embd=16)), bpe, tmp_path / "x")
+    tok = load_hf_tokenizer(tmp_path / "x")
+    ids = tok.encode(text)
+    assert ids == bpe.encode(text) and tok.decode(ids) == text and bpe.eot_token in ids
+    assert all(tok.decode_bytes([i]) == bpe.decode_bytes([i]) for i in range(bpe.vocab_size))
