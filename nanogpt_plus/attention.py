@@ -92,36 +92,45 @@ def _explicit_causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
 class CausalSelfAttention(nn.Module):
     "Multi-head causal self-attention with one `qkv` projection and a fused attention kernel."
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, *, rope: bool = False,
-                 qk_norm: bool = False):
+                 qk_norm: bool = False, n_kv_head: int | None = None, rope_theta: float = 10_000.0,
+                 norm_eps: float | None = None):
         super().__init__()
         _check_attention_sizes(n_embd, n_head, dropout)
-        self.n_embd, self.n_head, self.dropout = n_embd, n_head, dropout
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # queries, then keys, then values
+        n_kv_head = n_kv_head or n_head  # chapter 17: fewer key/value heads than query heads, each shared by a group
+        if n_head % n_kv_head: raise ValueError(f"n_head ({n_head}) must be divisible by n_kv_head ({n_kv_head})")
+        self.n_embd, self.n_head, self.n_kv_head, self.dropout = n_embd, n_head, n_kv_head, dropout
+        kv = n_kv_head * (n_embd // n_head)  # width of the keys (and of the values)
+        self.qkv = nn.Linear(n_embd, n_embd + 2 * kv, bias=bias)  # queries, then keys, then values
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         # chapter 12's options, both off in GPT-2: normalised queries and keys, rotary position embeddings
-        self.qk_norm = QKNorm(n_embd // n_head) if qk_norm else None
-        self.rotary = Rotary(n_embd // n_head) if rope else None
+        eps = {} if norm_eps is None else {"eps": norm_eps}  # chapter 17: the norm's epsilon, else QKNorm's own
+        self.qk_norm = QKNorm(n_embd // n_head, **eps) if qk_norm else None
+        self.rotary = Rotary(n_embd // n_head, rope_theta) if rope else None
 
-    def extra_repr(self) -> str: return f"n_head={self.n_head}, dropout={self.dropout}"
+    def extra_repr(self) -> str:
+        kv = f", n_kv_head={self.n_kv_head}" if self.n_kv_head != self.n_head else ""
+        return f"n_head={self.n_head}{kv}, dropout={self.dropout}"
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         "`x` `(B, T, C)` -> `(B, T, C)`; `cache` is one layer's view of a KV cache, or None."
         B, T, C = x.shape
-        hs = C // self.n_head
-        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        hs, nkv = C // self.n_head, self.n_kv_head
+        q, k, v = self.qkv(x).split([C, nkv * hs, nkv * hs], dim=2)  # (B, T, C + 2 kv) -> (B, T, C), 2 x (B, T, kv)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, T, kv) -> (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, T, kv) -> (B, nkv, T, hs)
         past = 0 if cache is None else cache.past_len  # positions already in the cache
         if self.qk_norm is not None: q, k = self.qk_norm(q, k)  # chapter 12
         if self.rotary is not None: q, k = self.rotary(q, k, past)  # chapter 12: turned at their positions
         mask, is_causal = None, True
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, nh, past + T, hs): the stored positions and the new ones
+            k, v = cache.update(k, v)  # (B, nkv, past + T, hs): the stored positions and the new ones
             if past > 0:  # queries sit at past..past+T-1: the top-left triangle of is_causal would be wrong
                 is_causal = False
                 if T > 1: mask = causal_mask(T, past, device=x.device)  # (T, past + T)
+        if nkv != self.n_head:  # grouped-query attention: each key/value head serves n_head // nkv query heads
+            k, v = (t.repeat_interleave(self.n_head // nkv, dim=1) for t in (k, v))  # (B, nkv, L, hs) -> (B, nh, L, hs)
         dropout_p = self.dropout if self.training else 0.0
         if _explicit_attention_is_faster(q, cache): y = _explicit_causal_attention(q, k, v, dropout_p)  # (B, nh, T, hs)
         else: y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .attention import CausalSelfAttention, LayerKVCache, _check_attention_sizes
 
 # %% auto #0
-__all__ = ['TanhGELU', 'MLP', 'Block', 'make_norm', 'ReLU2', 'swiglu_hidden', 'SwiGLU', 'make_mlp']
+__all__ = ['TanhGELU', 'MLP', 'norm_layer', 'Block', 'make_norm', 'ReLU2', 'swiglu_hidden', 'SwiGLU', 'make_mlp']
 
 # %% ../nbs/05_transformer_block.ipynb #a23e4e23
 class TanhGELU(nn.Module):
@@ -40,16 +40,25 @@ class MLP(nn.Module):
         return self.dropout(self.proj(self.act(self.fc(x))))
 
 # %% ../nbs/05_transformer_block.ipynb #21959838
+def norm_layer(kind: str, n_embd: int, bias: bool = True, eps: float | None = None) -> nn.Module:
+    "GPT-2's LayerNorm, or chapter 12's `make_norm(kind)`; with epsilon `eps` where given (chapter 17), else the norm's own."
+    norm = nn.LayerNorm(n_embd, bias=bias) if kind == "layernorm" else make_norm(kind, n_embd)
+    if eps is not None: norm.eps = eps  # LayerNorm and RMSNorm both read it in forward
+    return norm
+
+
 class Block(nn.Module):
     "Pre-norm transformer block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`."
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, *, norm: str = "layernorm",
-                 mlp: str = "gelu", rope: bool = False, qk_norm: bool = False):
+                 mlp: str = "gelu", rope: bool = False, qk_norm: bool = False, n_kv_head: int | None = None,
+                 rope_theta: float = 10_000.0, norm_eps: float | None = None):
         super().__init__()
         _check_attention_sizes(n_embd, n_head, dropout)
-        # the keyword options choose chapter 12's parts; their defaults are GPT-2's
-        self.ln1 = nn.LayerNorm(n_embd, bias=bias) if norm == "layernorm" else make_norm(norm, n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, rope=rope, qk_norm=qk_norm)
-        self.ln2 = nn.LayerNorm(n_embd, bias=bias) if norm == "layernorm" else make_norm(norm, n_embd)
+        # the keyword options choose chapter 12's (and 17's) parts; their defaults are GPT-2's
+        self.ln1 = norm_layer(norm, n_embd, bias, norm_eps)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, rope=rope, qk_norm=qk_norm, n_kv_head=n_kv_head,
+                                        rope_theta=rope_theta, norm_eps=norm_eps)
+        self.ln2 = norm_layer(norm, n_embd, bias, norm_eps)
         self.mlp = MLP(n_embd, dropout, bias) if mlp == "gelu" else make_mlp(mlp, n_embd, dropout, bias)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:

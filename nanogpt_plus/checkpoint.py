@@ -227,7 +227,8 @@ def estimate_params(kind: str, config) -> int:
     c, C, b = config, config.n_embd, config.bias
     norm = 2 * C if b and c.norm == "layernorm" else C  # a gain, and a bias unless off (RMSNorm has none)
     H, n_in = (swiglu_hidden(C), 2) if c.mlp == "swiglu" else (4 * C, 1)  # SwiGLU's first layer has gate and up
-    attn = 4 * C * C + (4 * C if b else 0) + (2 * (C // c.n_head) if c.qk_norm else 0)  # qkv and proj; QK-norm gains
+    kv = (c.n_kv_head or c.n_head) * (C // c.n_head)  # keys' and values' width: C, or less with grouped queries
+    attn = 2 * C * (C + kv) + ((2 * C + 2 * kv) if b else 0) + (2 * (C // c.n_head) if c.qk_norm else 0)  # qkv, proj; QK-norm gains
     mlp = (n_in + 1) * C * H + ((n_in * H + C) if b else 0)
     tables = c.vocab_size * C * (1 if c.tie_embeddings else 2) + (c.context_size * C if c.pos_emb == "learned" else 0)
     return c.n_layer * (attn + mlp + 2 * norm) + tables + norm  # blocks, embeddings and head, ln_f

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -34,25 +36,29 @@ from .fastgen import FastDecoder, load_quantized, prepare_decoding, save_quantiz
 from .generate import TextStream, to_decode_layout
 from .gpt import GPT, MLPS, NORMS, OVERFLOW_MODES, POS_EMBS, PRESETS, GPTConfig
 from .gpt2 import GPT2_HUB_REPOS, load_gpt2
-from .lora import (adapter_callbacks, add_lora, base_source, is_adapter, load_adapted, load_base,
-                               lora_layers, read_adapter_config, strip_lora)
+from .interop import export_hf, is_hf_directory, load_hf, read_hf_config, write_atomically
+from .lora import (adapter_callbacks, add_lora, base_source, describe_base, is_adapter, load_adapted,
+                               load_adapter, load_base, lora_layers, read_adapter_config, strip_lora)
 from .serve import ServeLimits, serve
-from .tokenizer import GPT2Tokenizer
+from .tokenizer import CharTokenizer, GPT2Tokenizer
 from .tokens import bpe_vocabulary, char_vocabulary, encode_file, load_tokens, prepare_tokens
 from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_state,
                                 standard_callbacks)
 
+# chapter 17b's GGUF and ONNX writers, where this version has them (`export --format gguf|onnx` says so otherwise)
+formats = importlib.import_module("nanogpt_plus.formats") if importlib.util.find_spec("nanogpt_plus.formats") else None
+
 # %% auto #0
-__all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
-           'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS', 'SHAPE_FLAGS',
-           'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'SERVE_DTYPES',
-           'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args', 'add_parallel_args', 'recipes',
-           'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer', 'shakespeare_path',
-           'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
+__all__ = ['formats', 'GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int',
+           'positive_float', 'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS',
+           'SHAPE_FLAGS', 'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES',
+           'SERVE_DTYPES', 'EXPORT_FORMATS', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args',
+           'add_parallel_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer',
+           'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
            'add_generate_args', 'load_model_for', 'start_token', 'generation_model', 'generate_command',
            'add_prepare_args', 'prepare_command', 'add_quantize_args', 'quantize_command', 'add_merge_args',
-           'merge_command', 'add_serve_args', 'serve_command', 'add_eval_args', 'eval_command', 'build_parser',
-           'parse_args', 'main']
+           'merge_command', 'add_serve_args', 'serve_command', 'add_eval_args', 'eval_command', 'load_hf_for_cli',
+           'init_base', 'load_adapted_any', 'add_export_args', 'export_command', 'build_parser', 'parse_args', 'main']
 
 # %% ../nbs/11_cli.ipynb #78cad1c9
 GPT_SIZES = tuple(name for name in PRESETS if name not in GPT2_HUB_REPOS)  # the character-level presets
@@ -447,7 +453,7 @@ STOP_STATUS = {"interrupted": 130, "terminated": 143}  # what shells report for 
 
 
 def _resume(out: Path, args, given: dict):
-    if is_adapter(out): model, tokenizer = load_adapted(out, base=args.init_from)  # its base, checked, and the adapter
+    if is_adapter(out): model, tokenizer = load_adapted_any(out, base=args.init_from)  # its base, checked, and the adapter
     else: model, tokenizer = load_checkpoint(out, kind=args.model)
     state = load_trainer_state(out)
     saved = dict(state["config"])
@@ -483,7 +489,7 @@ def _train(args, job: Job | None) -> int:
         elif held and not args.overwrite:
             raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, --overwrite to start "
                              "again, or another --out-dir")
-        elif args.init_from: base = load_base(args.init_from, device)  # (model, tokenizer, identity)
+        elif args.init_from: base = init_base(args, device)  # (model, tokenizer, identity)
         ids, tokenizer = load_training_data(args, tokenizer if state else base[1] if base else None)
         if state is None: model, config = _new_run(args, given, tokenizer, base, device)
         train_data, val_data = train_val_split(cut_to_fraction(ids, args.dataset_fraction or 1.0, config.context_size), 0.1)
@@ -611,13 +617,14 @@ def load_model_for(args, device: torch.device, dtype: torch.dtype | None = None)
     "The `(model, tokenizer)` that `args` point to: a checkpoint, GPT-2 weights, or a default checkpoint directory."
     adapter = args.adapter or (args.checkpoint if args.checkpoint and is_adapter(args.checkpoint) else None)
     if adapter:  # a LoRA adapter on its base (chapter 14), merged: sampling then costs what the base's does
-        model, tokenizer = load_adapted(adapter, device, base=(args.checkpoint if args.adapter else None) or args.gpt2_config)
+        model, tokenizer = load_adapted_any(adapter, device, base=(args.checkpoint if args.adapter else None) or args.gpt2_config)
         return strip_lora(model, merge=True), tokenizer
     if args.gpt2_config: return load_gpt2(args.gpt2_config, device=device, dtype=dtype)
     ckpt = Path(args.checkpoint) if args.checkpoint else default_out_dir(args)
     if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt}: train one with `nanogpt-plus train {args.model} --out-dir "
                                 f"{ckpt}`" + ("" if args.checkpoint else ", or pass --checkpoint DIR or --gpt2-config NAME"))
+    if is_hf_directory(ckpt): return load_hf_for_cli(ckpt, device)  # chapter 17: a transformers directory
     return load_checkpoint(ckpt, device=device, kind=args.model)
 
 
@@ -754,7 +761,7 @@ def merge_command(args) -> int:
     with RunLock(out):
         if (out / "config.json").exists() and not args.overwrite:
             raise ValueError(f"{out} already holds a checkpoint: pass --overwrite to replace it, or another --out-dir")
-        model, tokenizer = load_adapted(args.adapter, base=args.base)
+        model, tokenizer = load_adapted_any(args.adapter, base=args.base)
         save_checkpoint(out, strip_lora(model, merge=True), tokenizer)
     print(f"the adapter in {args.adapter}, merged into its base: an ordinary checkpoint in {out}")
     return 0
@@ -791,11 +798,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def serve_command(args) -> int:
     "Run `nanogpt-plus serve` with parsed `args`: load the model as `generate gpt` does, then serve it (chapter 18)."
     if (args.checkpoint is None) == (args.gpt2_config is None): raise ValueError("pass one of --checkpoint and --gpt2-config")
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
-    try: hf = ckpt is not None and "model_type" in json.loads((ckpt / "config.json").read_text())
-    except (OSError, ValueError, TypeError): hf = False  # loading below says what is wrong with the directory
-    source = argparse.Namespace(model="gpt", size=None, adapter=None, dtype=args.dtype, checkpoint=None if hf else args.checkpoint,
-                                gpt2_config=args.checkpoint if hf else args.gpt2_config)
+    ckpt = Path(args.checkpoint) if args.checkpoint else None  # ours, an adapter, or a transformers directory
+    source = argparse.Namespace(model="gpt", size=None, adapter=None, dtype=args.dtype, checkpoint=args.checkpoint,
+                                gpt2_config=args.gpt2_config)
     model, tokenizer = generation_model(source, resolve_device(args.device))
     if not isinstance(model, GPT): raise ValueError(f"{args.checkpoint} holds a {type(model).__name__}: serve runs GPTs")
     name = args.name or (ckpt.resolve().name if ckpt else args.gpt2_config)
@@ -821,9 +826,74 @@ def eval_command(args) -> int:
     print(f"wrote report.md, report.json, bpc.png and reliability.png to {args.out_dir or args.checkpoint}")
     return 0
 
+# %% ../nbs/11_cli.ipynb #b91ba6d6
+def load_hf_for_cli(path, device, training: bool = False):
+    "`load_hf` for the command line: refused without a tokenizer (and, to train, with one our checkpoints cannot store)."
+    model, tokenizer = load_hf(path, device)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer.json, so text cannot be turned into its tokens: copy the model's "
+                         "tokenizer files into that directory")
+    if training and not isinstance(tokenizer, (CharTokenizer, GPT2Tokenizer)):
+        raise ValueError(f"the tokenizer of {path} ({tokenizer!r}) cannot be stored in our checkpoints yet: fine-tune "
+                         "it from Python, or start from a directory that `nanogpt-plus export` wrote")
+    return model, tokenizer
+
+
+def init_base(args, device):
+    "What `train --init-from` starts from: `load_base`'s (model, tokenizer, identity), or a transformers directory's."
+    src = Path(args.init_from)
+    if not (src.is_dir() and is_hf_directory(src)) or read_hf_config(src).get("model_type") == "gpt2":
+        return load_base(args.init_from, device)  # our checkpoints, GPT-2 by name or directory (chapter 14)
+    model, tokenizer = load_hf_for_cli(src, device, training=not args.use_lora)  # an adapter keeps no tokenizer
+    return model.train(), tokenizer, describe_base(model, base_source(src))
+
+
+def load_adapted_any(directory, device="cpu", base=None):
+    "`load_adapted`, for a base that is a transformers directory too (chapter 14's loader reads GPT-2's only)."
+    source = base or read_adapter_config(directory)["base"].get("source")
+    src = Path(source) if source else None
+    if src is None or not (src.is_dir() and is_hf_directory(src)) or read_hf_config(src).get("model_type") == "gpt2":
+        return load_adapted(directory, device, base=base)
+    model, tokenizer = load_hf_for_cli(src, device)
+    return load_adapter(directory, model), tokenizer
+
+# %% ../nbs/11_cli.ipynb #09c979bc
+EXPORT_FORMATS = ("hf", "gguf", "onnx")  # gguf and onnx: chapter 17b's writers (module formats)
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Declare the options of `nanogpt-plus export` on `parser`."
+    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="a checkpoint, a LoRA adapter (merged into "
+                        "its base first) or a transformers directory")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="hf: a transformers directory; gguf: a "
+                        "file for llama.cpp; onnx: a graph for onnxruntime")
+    parser.add_argument("--out", metavar="PATH", required=True, help="the directory (hf) or file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace what PATH holds (only once the new one is complete)")
+    return parser
+
+
+def export_command(args) -> int:
+    "Run `nanogpt-plus export` with parsed `args`."
+    src, out = Path(args.checkpoint), Path(args.out)
+    if out.exists() and not args.overwrite: raise ValueError(f"{out} exists already: pass --overwrite to replace it, or another --out")
+    if args.format != "hf" and formats is None:
+        raise ValueError(f"--format {args.format} is not available in this version (it needs nanogpt_plus.formats): use --format hf")
+    if _saved_weights(src):
+        raise ValueError(f"{src} holds {_saved_weights(src)} weights (from `nanogpt-plus quantize`): export the float32 checkpoint "
+                         "it came from, since de-quantized weights would pass for the trained ones")
+    if is_adapter(src): model, tokenizer = load_adapted_any(src); model = strip_lora(model, merge=True)
+    elif src.is_dir() and is_hf_directory(src): model, tokenizer = load_hf(src)
+    else: model, tokenizer = load_checkpoint(src, kind="gpt")
+    if args.format == "hf": export_hf(model, tokenizer, out, overwrite=args.overwrite)
+    else:  # a file of chapter 17b's, written beside PATH and moved there once complete
+        writer = getattr(formats, f"export_{args.format}")
+        write_atomically(out, lambda path: writer(model, tokenizer, path), overwrite=args.overwrite)
+    print(f"{args.format} export of the GPT in {src} ({model.num_params():,} parameters) written to {out}")
+    return 0
+
 # %% ../nbs/11_cli.ipynb #8d2bb39d
 def build_parser() -> argparse.ArgumentParser:
-    "The `nanogpt-plus` argument parser with its `train`, `generate`, `prepare`, `merge`, `quantize`, `serve` and `eval` commands."
+    "The `nanogpt-plus` parser: `train`, `generate`, `prepare`, `merge`, `quantize`, `export`, `serve` and `eval`."
     parser = argparse.ArgumentParser(prog="nanogpt-plus", description="Train small GPT language models on a text file "
                                      "and sample from them.", epilog="`nanogpt-plus COMMAND --help` lists a command's "
                                      "options. Exit status: 0 done, 2 error, 130 stopped by Ctrl-C, 143 by SIGTERM.")
@@ -848,6 +918,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Merge a LoRA adapter (train --use-lora) into the model it adapts, and save the "
                            "result as an ordinary checkpoint.")
     add_merge_args(merge).set_defaults(func=merge_command)
+    export = sub.add_parser("export", help="write a GPT for transformers (hf), llama.cpp (gguf) or onnxruntime (onnx)",
+                            description="Write a checkpoint (a LoRA adapter merged into its base) in another format.")
+    add_export_args(export).set_defaults(func=export_command)
     srv = sub.add_parser("serve", help="serve a GPT over HTTP: the OpenAI completions API and a web page",
                          description="Serve a GPT (ours, GPT-2, a LoRA adapter, a quantized one) with the OpenAI "
                          "completions API under /v1 and a web page at /, decoding all open requests in one batch.")
@@ -857,7 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model; measure copying, real words, calibration and a cloze test (chapter 19).")
     add_eval_args(ev).set_defaults(func=eval_command)
     parser.subcommands = {"train": train, "generate": gen, "prepare": prep, "merge": merge, "quantize": quant,
-                          "serve": srv, "eval": ev}
+                          "export": export, "serve": srv, "eval": ev}
     return parser
 
 # %% ../nbs/11_cli.ipynb #15ef2b23

@@ -56,7 +56,8 @@ def weight_bytes(model: nn.Module) -> int:
 def kv_cache_bytes(model: GPT, position: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
     "Bytes of keys and values the step at `position` reads back: those of `position + 1` tokens, in every layer."
     c = model.config
-    return 2 * c.n_layer * batch_size * (position + 1) * c.n_embd * dtype.itemsize
+    kv = (c.n_kv_head or c.n_head) * (c.n_embd // c.n_head)  # chapter 17: only the key/value heads are stored
+    return 2 * c.n_layer * batch_size * (position + 1) * kv * dtype.itemsize
 
 # %% ../nbs/16_fast_generation.ipynb #1fcf887c
 def time_rounds(fns: dict[str, Callable[[], object]], rounds: int = 5,
@@ -392,7 +393,8 @@ class FastDecoder(CachedDecoder):
         if overflow not in OVERFLOW_MODES: raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
         c, norm = model.config, model.ln_f.weight  # the cache holds activations: the final norm's dtype and device
         self.model, self.overflow, self.length = model, overflow, 0
-        self.cache = KVCache(c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head, c.context_size, norm.device, norm.dtype)
+        nkv = c.n_kv_head or c.n_head  # grouped-query attention stores only the key/value heads
+        self.cache = KVCache(c.n_layer, batch_size, nkv, c.n_embd // c.n_head, c.context_size, norm.device, norm.dtype)
         self.step = decode_step(model, self.cache) if fast_step_supported(model) else None
         if self.step is not None and compile: self.step = torch.compile(self.step, dynamic=True)
 

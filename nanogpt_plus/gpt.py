@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .attention import KVCache
 from .bigram import crop_decoder, generate as sample_tokens  # chapter 3's sampling loop
-from .block import Block, make_norm
+from .block import Block, norm_layer
 
 # %% auto #0
 __all__ = ['PRESETS', 'POS_EMBS', 'NORMS', 'MLPS', 'OVERFLOW_MODES', 'GPTConfig', 'init_gpt_weights', 'Generates', 'GPT', 'CachedDecoder', 'soft_cap']
@@ -47,6 +47,14 @@ def _check_modern_fields(c) -> None:
     cap = c.logit_softcap
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0):
         raise ValueError(f"logit_softcap must be a positive number (or None: no cap), got {cap!r}")
+    kv = c.n_kv_head
+    if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or c.n_head % kv):
+        raise ValueError(f"n_kv_head must be a positive integer that divides n_head ({c.n_head}), got {kv!r}")
+    for name in ("rope_theta", "norm_eps"):
+        v = getattr(c, name)
+        if (v is not None or name == "rope_theta") and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                         or not math.isfinite(v) or v <= 0):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
     if c.pos_emb == "rope" and (c.n_embd // c.n_head) % 2:
         raise ValueError(f"rope rotates pairs of channels, so the head size n_embd // n_head must be even, got "
                          f"{c.n_embd} // {c.n_head} = {c.n_embd // c.n_head}")
@@ -70,6 +78,15 @@ class GPTConfig:
     tie_embeddings: bool = True  # one matrix for the token embedding and the output layer
     logit_softcap: float | None = None  # squash the logits into (-cap, cap): cap * tanh(logits / cap)
     zero_init: bool = False  # start the residual projections (and an untied output layer) at zero
+    # chapter 17: what Llama, Qwen3 and nanochat need; the defaults change nothing
+    n_kv_head: int | None = None  # key/value heads, each shared by n_head // n_kv_head query heads; None: n_head
+    rope_theta: float = 10_000.0  # the base of rotary embeddings' frequencies
+    norm_eps: float | None = None  # epsilon of every norm; None: each norm's own (1e-5, QK-norm's 1e-6)
+
+    def __repr__(self) -> str:  # chapter 17's fields only where set, so that every earlier config prints as it did
+        late = {"n_kv_head": None, "rope_theta": 10_000.0, "norm_eps": None}
+        shown = [f.name for f in dataclasses.fields(self) if f.name not in late or getattr(self, f.name) != late[f.name]]
+        return f"GPTConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_size", "n_layer", "n_head", "n_embd"):
@@ -126,8 +143,8 @@ class Generates:
     "Generation for a model with a `config`: a decoder for chapter 3's `stream`, with or without a key-value cache."
     def new_kv_cache(self, batch_size: int) -> KVCache:
         "An empty `KVCache` for this model's layers and context, on its device and in its dtype."
-        c, w = self.config, self.tok_emb.weight  # (B, nh, context, hs) buffers per layer
-        return KVCache(c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head, c.context_size, w.device, w.dtype)
+        c, w = self.config, self.tok_emb.weight  # (B, n_kv_head, context, hs) buffers per layer: only key/value heads
+        return KVCache(c.n_layer, batch_size, c.n_kv_head or c.n_head, c.n_embd // c.n_head, c.context_size, w.device, w.dtype)
 
     def decoder(self, batch_size: int, use_kv_cache: bool = False, overflow: str = "exact"):
         "Next-token logits for chapter 3's `stream`: `crop_decoder`, or a `CachedDecoder` with `use_kv_cache`."
@@ -150,9 +167,10 @@ class GPT(Generates, nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
         self.pos_emb = nn.Embedding(c.context_size, c.n_embd) if c.pos_emb == "learned" else None  # rope: chapter 12
         self.drop = nn.Dropout(c.dropout)
-        parts = dict(norm=c.norm, mlp=c.mlp, rope=c.pos_emb == "rope", qk_norm=c.qk_norm)  # chapter 12's options
+        parts = dict(norm=c.norm, mlp=c.mlp, rope=c.pos_emb == "rope", qk_norm=c.qk_norm,  # chapter 12's options
+                     n_kv_head=c.n_kv_head, rope_theta=c.rope_theta, norm_eps=c.norm_eps)  # and chapter 17's
         self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout, c.bias, **parts) for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias) if c.norm == "layernorm" else make_norm(c.norm, c.n_embd)
+        self.ln_f = norm_layer(c.norm, c.n_embd, c.bias, c.norm_eps)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings: self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix in and out
         init_gpt_weights(self, c.n_layer, c.zero_init)
