@@ -1,0 +1,134 @@
+"Chapter 17b: exports to ONNX (onnxruntime round trip) and GGUF (llama.cpp round trip), and their refusals."
+import errno
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt_plus.fastgen import prepare_decoding
+from nanogpt_plus.formats import (CacheStep, ExportError, OnnxDecoder, export_onnx, float_model, write_new_file)
+from nanogpt_plus.gpt import GPT, GPTConfig
+from nanogpt_plus.tokenizer import CharTokenizer
+
+CORPUS = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False, bias=False)
+
+
+def sharp_model(seed: int = 0, **options) -> GPT:
+    "A random GPT whose weights are large enough that its next-token choices are clear (no near-ties)."
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=len(set(CORPUS)), context_size=256, n_layer=2, n_head=4, n_embd=32, **options)
+    model = GPT(cfg).eval().requires_grad_(False)
+    for name, p in model.named_parameters():
+        if p.dim() == 2: p.mul_(4)  # N(0, 0.08) matrices: logits spread over several units
+    return model
+
+
+@torch.no_grad()
+def greedy(model, prompt, n):
+    cache, ids, out = model.new_kv_cache(1), list(prompt), []
+    logits, _ = model(torch.tensor([prompt]), kv_cache=cache, last_only=True)
+    for _ in range(n):
+        out.append(logits[0, -1]); ids.append(int(logits[0, -1].argmax()))
+        logits, _ = model(torch.tensor([ids[-1:]]), kv_cache=cache)
+    return ids[len(prompt):], torch.stack(out).numpy()
+
+
+def onnx_greedy(path, prompt, n, context_size):
+    dec, ids, out = OnnxDecoder(path, context_size), list(prompt), []
+    logits = dec(prompt)[-1]
+    for _ in range(n):
+        out.append(logits); ids.append(int(logits.argmax()))
+        logits = dec(ids[-1:])[-1]
+    return ids[len(prompt):], np.stack(out)
+
+
+# --- writing files -------------------------------------------------------------------------------------------
+
+def test_existing_file_refused_unless_overwrite(tmp_path):
+    target = tmp_path / "m.onnx"
+    target.write_text("old")
+    with pytest.raises(ExportError, match="already exists.*overwrite=True"): write_new_file(target, lambda t: t.write_text("new"))
+    assert target.read_text() == "old"
+    write_new_file(target, lambda t: t.write_text("new"), overwrite=True)
+    assert target.read_text() == "new"
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    def full_disk(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(ExportError, match="No space left.*nothing was written"): write_new_file(tmp_path / "m.gguf", full_disk)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "m.gguf").write_text("old")
+    with pytest.raises(ExportError, match="old file is unchanged"): write_new_file(tmp_path / "m.gguf", full_disk, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and (tmp_path / "m.gguf").read_text() == "old"
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(ExportError, match="is a directory"): write_new_file(tmp_path, lambda t: None)
+    with pytest.raises(ExportError, match="does not exist: create it"): write_new_file(tmp_path / "no" / "m.onnx", lambda t: None)
+
+
+def test_export_onnx_refuses_existing_file_and_other_models(tmp_path):
+    (tmp_path / "m.onnx").write_text("old")
+    with pytest.raises(ExportError, match="already exists"): export_onnx(sharp_model(), tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_text() == "old"
+    with pytest.raises(ExportError, match="only a GPT"): export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
+
+
+# --- int8 models are de-quantized --------------------------------------------------------------------------
+
+def test_float_model_dequantizes_int8():
+    model = sharp_model()
+    int8 = prepare_decoding(sharp_model(), "int8", kernel=False)
+    plain = float_model(int8)
+    assert isinstance(plain.blocks[0].attn.qkv, torch.nn.Linear)
+    torch.testing.assert_close(plain.blocks[1].mlp.fc.weight, int8.blocks[1].mlp.fc.dense())
+    x = torch.randint(0, model.config.vocab_size, (1, 40))  # > 32 rows: the int8 layer multiplies by the dense matrix
+    torch.testing.assert_close(plain(x)[0], int8(x)[0], atol=1e-5, rtol=1e-5)
+    assert float_model(model) is model  # a float32 model is exported as it is
+
+
+# --- ONNX ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [{}, MODERN, MODERN | dict(qk_norm=True, mlp="relu2", logit_softcap=10.0)],
+                         ids=["gpt2-block", "modern", "every-option"])
+def test_cache_step_matches_forward(options):
+    model = sharp_model(**options)
+    c = model.config
+    ids = torch.randint(0, c.vocab_size, (2, 12))
+    empty = torch.zeros(c.n_layer, 2, c.n_head, 0, c.n_embd // c.n_head)
+    a, k, v = CacheStep(model)(ids[:, :7], empty, empty)
+    b, k, v = CacheStep(model)(ids[:, 7:], k, v)
+    torch.testing.assert_close(torch.cat([a, b], 1), model(ids)[0], atol=1e-5, rtol=1e-5)
+    assert k.shape == (c.n_layer, 2, c.n_head, 12, c.n_embd // c.n_head)
+
+
+@pytest.mark.parametrize("options", [{}, MODERN, MODERN | dict(qk_norm=True, mlp="relu2", logit_softcap=10.0)],
+                         ids=["gpt2-block", "modern", "every-option"])
+def test_onnx_greedy_200_tokens(tmp_path, options):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install nanogpt-plus[formats])")
+    model = sharp_model(**options)
+    path = export_onnx(model, tmp_path / "m.onnx")
+    prompt = CharTokenizer(CORPUS).encode("First Citizen:\n")
+    ours, our_logits = greedy(model, prompt, 200)
+    theirs, their_logits = onnx_greedy(path, prompt, 200, model.context_size)
+    assert ours == theirs
+    assert np.abs(our_logits - their_logits).max() < 1e-4
+    assert np.ptp(our_logits, axis=0).max() > 0.1  # the logits move from step to step: the cache's contents matter
+
+
+def test_onnx_batch_and_context_limit(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install nanogpt-plus[formats])")
+    import onnxruntime
+    model = sharp_model(**MODERN)
+    path = export_onnx(model, tmp_path / "m.onnx")
+    c = model.config
+    ids = torch.randint(0, c.vocab_size, (3, 9))
+    empty = np.zeros((c.n_layer, 3, c.n_head, 0, c.n_embd // c.n_head), np.float32)
+    logits, *_ = onnxruntime.InferenceSession(str(path)).run(None, {"input_ids": ids.numpy(), "past_keys": empty, "past_values": empty})
+    np.testing.assert_allclose(logits, model(ids)[0].numpy(), atol=1e-4)
+    dec = OnnxDecoder(path, context_size=8)
+    with pytest.raises(ValueError, match="exceed the context size 8"): dec(list(range(9)))
