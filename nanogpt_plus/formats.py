@@ -20,8 +20,9 @@ from .gpt import GPT, GPTConfig, soft_cap
 from .tokenizer import CharTokenizer, GPT2Tokenizer
 
 # %% auto #0
-__all__ = ['ONNX_OPSET', 'ONNX_INPUTS', 'ONNX_OUTPUTS', 'ExportError', 'write_new_file', 'float_model', 'CacheStep',
-           'export_onnx', 'OnnxDecoder']
+__all__ = ['ONNX_OPSET', 'ONNX_INPUTS', 'ONNX_OUTPUTS', 'GGUF_DTYPES', 'ExportError', 'write_new_file', 'float_model',
+           'CacheStep', 'export_onnx', 'OnnxDecoder', 'gguf_architecture', 'interleave_rope_rows', 'gguf_tensors',
+           'byte_level_alphabet', 'bpe_merges', 'gguf_tokenizer', 'export_gguf']
 
 # %% ../nbs/17b_gguf_onnx.ipynb #c012
 class ExportError(ValueError):
@@ -154,3 +155,158 @@ class OnnxDecoder:
         return logits[0]
 
     def reset(self): self.keys = self.values = self.empty
+
+# %% ../nbs/17b_gguf_onnx.ipynb #c031
+def gguf_architecture(config: GPTConfig) -> str:
+    "llama.cpp's architecture that computes exactly what `config` describes; `ExportError` naming the option if none does."
+    c = config
+    if c.logit_softcap:
+        raise ExportError(f"logit_softcap={c.logit_softcap} has no llama.cpp architecture beside our other choices "
+                          "(only gemma2 caps logits, and its block differs): export a model without a soft-cap, or use ONNX")
+    if c.mlp == "relu2":
+        raise ExportError("mlp='relu2' (ReLU squared) is in no llama.cpp architecture that matches the rest of our "
+                          "block: export it with export_onnx instead")
+    if (c.pos_emb, c.norm, c.mlp) == ("learned", "layernorm", "gelu"):
+        if c.qk_norm: raise ExportError("qk_norm=True with GPT-2's block is in no llama.cpp architecture: use ONNX")
+        return "gpt2"
+    if (c.pos_emb, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu"):
+        if c.bias: raise ExportError("bias=True with RoPE, RMSNorm and SwiGLU: llama.cpp's llama and qwen3 have no "
+                                     "norm biases; export a model trained with bias=False")
+        return "qwen3" if c.qk_norm else "llama"
+    raise ExportError(f"pos_emb={c.pos_emb!r}, norm={c.norm!r}, mlp={c.mlp!r} is no llama.cpp architecture: GGUF takes "
+                      "GPT-2's block (learned, layernorm, gelu) or rope, rmsnorm, swiglu (llama; qwen3 with qk_norm)")
+
+# %% ../nbs/17b_gguf_onnx.ipynb #c034
+def interleave_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    "Rows of a q or k projection `(nh*hs, C)` reordered so that rotated-half pairs `(i, i+hs/2)` become adjacent `(2i, 2i+1)`."
+    hs = w.size(0) // n_head
+    w = w.reshape(n_head, 2, hs // 2, -1)  # (nh, 2, hs/2, C): the halves of each head
+    return w.transpose(1, 2).reshape(n_head * hs, -1)  # (nh, hs/2, 2, C): pair i's two rows side by side
+
+# %% ../nbs/17b_gguf_onnx.ipynb #c037
+def gguf_tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
+    "llama.cpp's tensor names mapped to our weights (float32, PyTorch's `(out, in)` layout), for `arch`."
+    c, m = model.config, model
+    zeros = lambda n: torch.zeros(n)  # GPT-2 in llama.cpp always adds biases: zeros where ours has none
+    bias = lambda lin_or_norm, n: zeros(n) if lin_or_norm.bias is None else lin_or_norm.bias
+    out = {"token_embd.weight": m.tok_emb.weight}
+    if arch == "gpt2": out["position_embd.weight"] = m.pos_emb.weight
+    for i, b in enumerate(m.blocks):
+        p, C = f"blk.{i}.", c.n_embd
+        out[p + "attn_norm.weight"], out[p + "ffn_norm.weight"] = b.ln1.weight, b.ln2.weight
+        if arch == "gpt2":
+            out |= {p + "attn_norm.bias": bias(b.ln1, C), p + "ffn_norm.bias": bias(b.ln2, C),
+                    p + "attn_qkv.weight": b.attn.qkv.weight, p + "attn_qkv.bias": bias(b.attn.qkv, 3 * C),
+                    p + "attn_output.weight": b.attn.proj.weight, p + "attn_output.bias": bias(b.attn.proj, C),
+                    p + "ffn_up.weight": b.mlp.fc.weight, p + "ffn_up.bias": bias(b.mlp.fc, 4 * C),
+                    p + "ffn_down.weight": b.mlp.proj.weight, p + "ffn_down.bias": bias(b.mlp.proj, C)}
+            continue
+        wq, wk, wv = b.attn.qkv.weight.split(C)  # (C, C) each: the query, key and value rows
+        if arch == "llama": wq, wk = interleave_rope_rows(wq, c.n_head), interleave_rope_rows(wk, c.n_head)
+        gate, up = b.mlp.fc.weight.chunk(2)  # (H, C) each: our one matmul's two halves
+        out |= {p + "attn_q.weight": wq, p + "attn_k.weight": wk, p + "attn_v.weight": wv,
+                p + "attn_output.weight": b.attn.proj.weight, p + "ffn_gate.weight": gate, p + "ffn_up.weight": up,
+                p + "ffn_down.weight": b.mlp.proj.weight}
+        if arch == "qwen3": out |= {p + "attn_q_norm.weight": b.attn.qk_norm.q.weight, p + "attn_k_norm.weight": b.attn.qk_norm.k.weight}
+    out["output_norm.weight"] = m.ln_f.weight
+    if arch == "gpt2": out["output_norm.bias"] = bias(m.ln_f, c.n_embd)
+    if not c.tie_embeddings: out["output.weight"] = m.lm_head.weight  # tied: llama.cpp reuses token_embd
+    return {k: v.detach().float() for k, v in out.items()}
+
+# %% ../nbs/17b_gguf_onnx.ipynb #c040
+def byte_level_alphabet() -> list[str]:
+    "GPT-2's printable stand-in for each byte 0..255: printable Latin-1 bytes as themselves, the rest from U+0100 on."
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    "The two parts that byte-pair encoding of `token` holds before its last merge (merges of lower rank only)."
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, i = min((ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if best >= rank: break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return tuple(parts) if len(parts) == 2 else (token, b"")
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    "The merge list of a byte-pair vocabulary `ranks` (token -> id): each multi-byte token as the pair that forms it."
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2: continue
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if ranks.get(token[:i], rank) < rank > ranks.get(token[i:], rank)]
+        if len(splits) > 1: splits = [_last_merge(token, rank, ranks)]  # several pairs could form it: replay the encoding
+        if len(splits) != 1: raise ExportError(f"token {token!r} is formed by no merge of earlier tokens: not a byte-pair vocabulary")
+        merges.append(splits[0])
+    return merges
+
+# %% ../nbs/17b_gguf_onnx.ipynb #c041
+def gguf_tokenizer(tokenizer, vocab_size: int) -> dict:
+    "`tokenizer` as llama.cpp's byte-level BPE (`tokenizer.ggml.*` fields): tokens, their types, merges, special ids."
+    alphabet = byte_level_alphabet()
+    text = lambda b: "".join(alphabet[x] for x in b)  # bytes as GPT-2 writes them in a vocabulary
+    if isinstance(tokenizer, GPT2Tokenizer):
+        ranks = tokenizer.encoding._mergeable_ranks  # bytes -> id for the 50,256 byte-pair tokens
+        tokens = [text(b) for b, _ in sorted(ranks.items(), key=lambda kv: kv[1])] + ["<|endoftext|>"]
+        types = [1] * (len(tokens) - 1) + [3]  # 1: normal, 3: control
+        merges = [f"{text(a)} {text(b)}" for a, b in bpe_merges(ranks)]
+        special, pre = dict(bos=tokenizer.eot_token, eos=tokenizer.eot_token), "gpt-2"
+    elif isinstance(tokenizer, CharTokenizer):
+        wide = [ch for ch in tokenizer.chars if ord(ch) > 127]
+        if wide: raise ExportError(f"characters {''.join(wide[:5])!r} take several bytes, which llama.cpp's byte-level "
+                                   "tokenizer cannot map to one id without merges: export with tokenizer=None and feed ids")
+        tokens, types, merges, special, pre = [text(ch.encode()) for ch in tokenizer.chars], [1] * tokenizer.vocab_size, [], {}, "default"
+    else: raise ExportError(f"a {type(tokenizer).__name__} has no GGUF form: pass a CharTokenizer, a GPT2Tokenizer or None")
+    pad = vocab_size - len(tokens)  # GPT-2 checkpoints padded to a round vocabulary: unused rows
+    if pad < 0: raise ExportError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size}: they do not belong together")
+    tokens += [f"[PAD{i}]" for i in range(pad)]
+    types += [5] * pad  # 5: unused
+    return dict(model="gpt2", pre=pre, tokens=tokens, types=types, merges=merges, special=special)
+
+# %% ../nbs/17b_gguf_onnx.ipynb #c044
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+
+
+def _gguf_array(w: torch.Tensor, dtype: str):
+    "`(array, raw type)`: matrices in `dtype`, vectors (norms, biases) in float32 as llama.cpp's converter keeps them."
+    import gguf
+    a = w.contiguous().numpy()
+    if w.dim() == 1 or dtype == "f32": return a, gguf.GGMLQuantizationType.F32
+    if dtype == "q8_0" and w.size(-1) % 32 == 0:  # blocks of 32 along a row, one f16 scale each
+        return gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return a.astype(np.float16), gguf.GGMLQuantizationType.F16  # rows that are no whole number of blocks
+
+
+def export_gguf(model: nn.Module, tokenizer, path, dtype: str = "f32", overwrite: bool = False) -> Path:
+    "Write `model` (and `tokenizer`, unless None) as a GGUF file that llama.cpp runs; weights in `dtype`."
+    import gguf
+    if dtype not in GGUF_DTYPES: raise ExportError(f"dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    model = float_model(model)
+    c, arch = model.config, gguf_architecture(model.config)
+    tok = None if tokenizer is None else gguf_tokenizer(tokenizer, c.vocab_size)  # refusals before any writing
+
+    def write(tmp):
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name("nanogpt_plus GPT"); w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[dtype])
+        w.add_context_length(c.context_size); w.add_embedding_length(c.n_embd); w.add_block_count(c.n_layer)
+        w.add_head_count(c.n_head); w.add_head_count_kv(c.n_head); w.add_vocab_size(c.vocab_size)
+        if arch == "gpt2":
+            w.add_feed_forward_length(4 * c.n_embd); w.add_layer_norm_eps(model.ln_f.eps)
+        else:
+            w.add_feed_forward_length(model.blocks[0].mlp.proj.in_features)
+            w.add_layer_norm_rms_eps(model.ln_f.eps)
+            w.add_rope_freq_base(model.blocks[0].attn.rotary.base); w.add_rope_dimension_count(c.n_embd // c.n_head)
+            w.add_key_length(c.n_embd // c.n_head); w.add_value_length(c.n_embd // c.n_head)
+        if tok is not None:
+            w.add_tokenizer_model(tok["model"]); w.add_tokenizer_pre(tok["pre"])
+            w.add_token_list(tok["tokens"]); w.add_token_types(tok["types"]); w.add_token_merges(tok["merges"])
+            if "bos" in tok["special"]: w.add_bos_token_id(tok["special"]["bos"]); w.add_eos_token_id(tok["special"]["eos"])
+            w.add_add_bos_token(False)
+        for name, t in gguf_tensors(model, arch).items():
+            a, raw = _gguf_array(t, dtype)
+            w.add_tensor(name, a, raw_dtype=raw)  # the writer reverses the dimensions into ggml's order
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file()
+        w.close()
+    return write_new_file(path, write, overwrite)

@@ -132,3 +132,90 @@ def test_onnx_batch_and_context_limit(tmp_path):
     np.testing.assert_allclose(logits, model(ids)[0].numpy(), atol=1e-4)
     dec = OnnxDecoder(path, context_size=8)
     with pytest.raises(ValueError, match="exceed the context size 8"): dec(list(range(9)))
+
+
+# --- GGUF ----------------------------------------------------------------------------------------------------
+
+from nanogpt_plus.attention import Rotary  # noqa: E402
+from nanogpt_plus.formats import (GGUF_DTYPES, bpe_merges, export_gguf, gguf_architecture, gguf_tokenizer,  # noqa: E402
+                                  interleave_rope_rows)
+
+QWEN3 = MODERN | dict(qk_norm=True)
+
+
+@pytest.mark.parametrize("options,arch", [({}, "gpt2"), (MODERN, "llama"), (QWEN3, "qwen3")])
+def test_gguf_architecture(options, arch):
+    assert gguf_architecture(sharp_model(**options).config) == arch
+
+
+@pytest.mark.parametrize("options,named", [(MODERN | dict(mlp="relu2"), "relu2"), (dict(logit_softcap=30.0), "logit_softcap"),
+                                           (dict(pos_emb="rope"), "pos_emb='rope'"), (dict(qk_norm=True), "qk_norm"),
+                                           (MODERN | dict(bias=True), "bias=True")])
+def test_gguf_refuses_what_llama_cpp_cannot_express(tmp_path, options, named):
+    with pytest.raises(ExportError, match=named): export_gguf(sharp_model(**options), None, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_bad_arguments(tmp_path):
+    with pytest.raises(ExportError, match="dtype must be one of f32, f16, q8_0"): export_gguf(sharp_model(), None, tmp_path / "m.gguf", dtype="q4")
+    (tmp_path / "m.gguf").write_text("old")
+    with pytest.raises(ExportError, match="already exists"): export_gguf(sharp_model(), None, tmp_path / "m.gguf")
+    assert (tmp_path / "m.gguf").read_text() == "old"
+    with pytest.raises(ExportError, match="several bytes"): gguf_tokenizer(CharTokenizer("abcé"), 4)
+    with pytest.raises(ExportError, match="do not belong together"): gguf_tokenizer(CharTokenizer(CORPUS), 5)
+
+
+def test_rope_permutation_turns_adjacent_pairs_like_ours():
+    "Rows reordered by interleave_rope_rows and turned in adjacent pairs give our rotated-halves result, reordered."
+    torch.manual_seed(0)
+    nh, hs = 3, 8
+    q = torch.randn(1, nh, 5, hs)  # (B, nh, T, hs): one projection's output per head
+    ours, _ = Rotary(hs)(q, q, past=2)
+    flat = q.transpose(1, 2).reshape(5, nh * hs).T  # (nh*hs, T): rows as a projection's rows
+    p = interleave_rope_rows(flat, nh).T.reshape(1, 5, nh, hs).transpose(1, 2)  # (B, nh, T, hs) in llama.cpp's order
+    a = Rotary(hs).angles(2, 5)  # (T, hs/2)
+    x1, x2 = p[..., 0::2], p[..., 1::2]
+    theirs = torch.stack([x1 * a.cos() - x2 * a.sin(), x1 * a.sin() + x2 * a.cos()], -1).flatten(-2)
+    order = interleave_rope_rows(torch.arange(nh * hs)[:, None], nh).flatten()[:hs]
+    torch.testing.assert_close(theirs, ours[..., order])
+
+
+@pytest.mark.parametrize("options", [{}, MODERN, QWEN3], ids=["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("dtype", GGUF_DTYPES)
+def test_gguf_file_reads_back(tmp_path, options, dtype):
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install nanogpt-plus[formats])")
+    model, tok = sharp_model(**options), CharTokenizer(CORPUS)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", dtype=dtype)
+    r = gguf.GGUFReader(path)
+    arch = gguf_architecture(model.config)
+    assert r.fields["general.architecture"].contents() == arch
+    assert r.fields[f"{arch}.block_count"].contents() == 2 and r.fields[f"{arch}.attention.head_count"].contents() == 4
+    assert r.fields["tokenizer.ggml.tokens"].contents() == [ch.replace("\n", "Ċ").replace(" ", "Ġ") for ch in tok.chars]
+    tensors = {t.name: t for t in r.tensors}
+    assert all(t.data_offset % 32 == 0 for t in r.tensors)
+    emb = tensors["token_embd.weight"]
+    want = model.tok_emb.weight.numpy()
+    if dtype == "f32": np.testing.assert_array_equal(emb.data, want)
+    if dtype == "f16": np.testing.assert_array_equal(emb.data, want.astype(np.float16))
+    if dtype == "q8_0":
+        back = gguf.quants.dequantize(emb.data, emb.tensor_type).reshape(want.shape)
+        assert np.abs(back - want).max() <= np.abs(want).max() / 127  # one int8 step of the largest block at most
+    assert ("output.weight" in tensors) == (not model.config.tie_embeddings)
+
+
+def test_gpt2_merges_reproduce_tiktoken():
+    "Byte-pair encoding with the recovered merge list gives tiktoken's ids."
+    tiktoken = pytest.importorskip("tiktoken")
+    try: enc = tiktoken.get_encoding("gpt2")
+    except Exception: pytest.skip("tiktoken's GPT-2 vocabulary is not cached (tools/seed_offline_caches.py)")
+    ranks = enc._mergeable_ranks
+    merge_rank = {a + b: i for i, (a, b) in enumerate(bpe_merges(ranks))}
+    def encode_word(word: bytes):
+        parts = [word[i:i + 1] for i in range(len(word))]
+        while len(parts) > 1:
+            best, i = min((merge_rank.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if best == math.inf: break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return [ranks[p] for p in parts]
+    for word in [b" Shakespeare", b" tokenization", b"Hello", b" 1234", b"\xc3\xa9t\xc3\xa9"]:
+        assert encode_word(word) == enc.encode_ordinary(word.decode()), word
