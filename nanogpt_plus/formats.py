@@ -47,7 +47,7 @@ def write_new_file(path, write, overwrite: bool = False) -> Path:
         if tmp.exists(): tmp.unlink()
     return path
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c015
+# %% ../nbs/17b_gguf_onnx.ipynb #c017
 def float_model(model: nn.Module) -> GPT:
     "`model` as a float32 `GPT`: itself, or for chapter 16's bf16/int8 decoders a copy with its weights de-quantized."
     if not isinstance(model, GPT):
@@ -64,7 +64,7 @@ def float_model(model: nn.Module) -> GPT:
     plain.load_state_dict(state)
     return plain.requires_grad_(False)
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c018
+# %% ../nbs/17b_gguf_onnx.ipynb #c021
 def _norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     "A norm, with RMSNorm written out: the TorchScript exporter has no RMSNorm at opset 17."
     if not isinstance(m, nn.RMSNorm): return m(x)
@@ -112,7 +112,7 @@ class CacheStep(nn.Module):
         if m.config.logit_softcap: logits = soft_cap(logits, m.config.logit_softcap)
         return logits, torch.stack(keys), torch.stack(values)  # (L, B, nh, P + T, hs) each
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c021
+# %% ../nbs/17b_gguf_onnx.ipynb #c025
 ONNX_OPSET = 17  # the first opset with LayerNormalization; nothing in the graph needs a newer one
 ONNX_INPUTS, ONNX_OUTPUTS = ["input_ids", "past_keys", "past_values"], ["logits", "present_keys", "present_values"]
 
@@ -134,7 +134,7 @@ def export_onnx(model: nn.Module, path, overwrite: bool = False) -> Path:
                               input_names=ONNX_INPUTS, output_names=ONNX_OUTPUTS, dynamic_axes=axes)
     return write_new_file(path, write, overwrite)
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c025
+# %% ../nbs/17b_gguf_onnx.ipynb #c030
 class OnnxDecoder:
     "Next-token logits from an exported graph in onnxruntime, its cache carried from one call to the next."
     def __init__(self, path, context_size: int):
@@ -156,7 +156,7 @@ class OnnxDecoder:
 
     def reset(self): self.keys = self.values = self.empty
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c031
+# %% ../nbs/17b_gguf_onnx.ipynb #c037
 def gguf_architecture(config: GPTConfig) -> str:
     "llama.cpp's architecture that computes exactly what `config` describes; `ExportError` naming the option if none does."
     c = config
@@ -176,14 +176,14 @@ def gguf_architecture(config: GPTConfig) -> str:
     raise ExportError(f"pos_emb={c.pos_emb!r}, norm={c.norm!r}, mlp={c.mlp!r} is no llama.cpp architecture: GGUF takes "
                       "GPT-2's block (learned, layernorm, gelu) or rope, rmsnorm, swiglu (llama; qwen3 with qk_norm)")
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c034
+# %% ../nbs/17b_gguf_onnx.ipynb #c041
 def interleave_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     "Rows of a q or k projection `(nh*hs, C)` reordered so that rotated-half pairs `(i, i+hs/2)` become adjacent `(2i, 2i+1)`."
     hs = w.size(0) // n_head
     w = w.reshape(n_head, 2, hs // 2, -1)  # (nh, 2, hs/2, C): the halves of each head
     return w.transpose(1, 2).reshape(n_head * hs, -1)  # (nh, hs/2, 2, C): pair i's two rows side by side
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c037
+# %% ../nbs/17b_gguf_onnx.ipynb #c045
 def gguf_tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
     "llama.cpp's tensor names mapped to our weights (float32, PyTorch's `(out, in)` layout), for `arch`."
     c, m = model.config, model
@@ -213,7 +213,7 @@ def gguf_tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
     if not c.tie_embeddings: out["output.weight"] = m.lm_head.weight  # tied: llama.cpp reuses token_embd
     return {k: v.detach().float() for k, v in out.items()}
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c040
+# %% ../nbs/17b_gguf_onnx.ipynb #c049
 def byte_level_alphabet() -> list[str]:
     "GPT-2's printable stand-in for each byte 0..255: printable Latin-1 bytes as themselves, the rest from U+0100 on."
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -242,7 +242,7 @@ def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
         merges.append(splits[0])
     return merges
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c041
+# %% ../nbs/17b_gguf_onnx.ipynb #c050
 def gguf_tokenizer(tokenizer, vocab_size: int) -> dict:
     "`tokenizer` as llama.cpp's byte-level BPE (`tokenizer.ggml.*` fields): tokens, their types, merges, special ids."
     alphabet = byte_level_alphabet()
@@ -265,7 +265,7 @@ def gguf_tokenizer(tokenizer, vocab_size: int) -> dict:
     types += [5] * pad  # 5: unused
     return dict(model="gpt2", pre=pre, tokens=tokens, types=types, merges=merges, special=special)
 
-# %% ../nbs/17b_gguf_onnx.ipynb #c044
+# %% ../nbs/17b_gguf_onnx.ipynb #c054
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 
 
@@ -301,7 +301,9 @@ def export_gguf(model: nn.Module, tokenizer, path, dtype: str = "f32", overwrite
             w.add_key_length(c.n_embd // c.n_head); w.add_value_length(c.n_embd // c.n_head)
         if tok is not None:
             w.add_tokenizer_model(tok["model"]); w.add_tokenizer_pre(tok["pre"])
-            w.add_token_list(tok["tokens"]); w.add_token_types(tok["types"]); w.add_token_merges(tok["merges"])
+            w.add_token_list(tok["tokens"]); w.add_token_types(tok["types"])
+            w.add_token_merges(tok["merges"] or ["<none> <none>"])  # llama.cpp needs the key, gguf writes no empty list:
+            # one merge of two strings that are never symbols (they start as single bytes) merges nothing
             if "bos" in tok["special"]: w.add_bos_token_id(tok["special"]["bos"]); w.add_eos_token_id(tok["special"]["eos"])
             w.add_add_bos_token(False)
         for name, t in gguf_tensors(model, arch).items():

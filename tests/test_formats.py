@@ -219,3 +219,89 @@ def test_gpt2_merges_reproduce_tiktoken():
         return [ranks[p] for p in parts]
     for word in [b" Shakespeare", b" tokenization", b"Hello", b" 1234", b"\xc3\xa9t\xc3\xa9"]:
         assert encode_word(word) == enc.encode_ordinary(word.decode()), word
+
+
+# --- llama.cpp round trips (llama-cpp-python compiles llama.cpp: an optional extra) ------------------------------
+
+def llama_cpp_or_skip():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install nanogpt-plus[formats])")
+
+
+def open_llama(path, **kwargs):
+    "llama-cpp-python's Llama without llama.cpp's extra buffer types: their AMX int8 kernels crash (SIGILL) on CPUs that report AMX where the OS has not enabled it."
+    llama_cpp = llama_cpp_or_skip()
+    import llama_cpp.llama as module
+    default = module.llama_cpp.llama_model_default_params
+    def params():
+        p = default(); p.use_extra_bufts = False; return p
+    module.llama_cpp.llama_model_default_params = params
+    try: return llama_cpp.Llama(str(path), verbose=False, **kwargs)
+    finally: module.llama_cpp.llama_model_default_params = default
+
+
+def llama_greedy(path, prompt, n):
+    llm = open_llama(path, n_ctx=256, n_threads=1, logits_all=True, type_k=0, type_v=0)  # a float32 cache, as ours
+    llm.eval(prompt)
+    ids, out = list(prompt), []
+    for _ in range(n):
+        logits = np.array(llm.scores[llm.n_tokens - 1]); out.append(logits); ids.append(int(logits.argmax()))
+        llm.eval(ids[-1:])
+    return ids[len(prompt):], np.stack(out)
+
+
+@pytest.mark.parametrize("options", [{}, MODERN, QWEN3], ids=["gpt2", "llama", "qwen3"])
+def test_llama_cpp_greedy_equals_ours_f32(tmp_path, options):
+    llama_cpp_or_skip()
+    model, tok = sharp_model(**options), CharTokenizer(CORPUS)
+    path = export_gguf(model, tok, tmp_path / "m.gguf")
+    prompt = tok.encode("First Citizen:\n")
+    ours, our_logits = greedy(model, prompt, 100)
+    theirs, their_logits = llama_greedy(path, prompt, 100)
+    assert ours == theirs
+    assert np.abs(our_logits - their_logits).max() < 1e-3  # llama.cpp's own float32 kernels
+
+
+def test_llama_cpp_needs_the_rope_permutation(tmp_path, monkeypatch):
+    "Without reordering the q/k rows, llama.cpp's llama runs another model: the permutation is what makes it ours."
+    llama_cpp_or_skip()
+    import nanogpt_plus.formats as formats
+    model, tok = sharp_model(**MODERN), CharTokenizer(CORPUS)
+    monkeypatch.setattr(formats, "interleave_rope_rows", lambda w, n_head: w)
+    path = export_gguf(model, tok, tmp_path / "m.gguf")
+    prompt = tok.encode("First Citizen:\n")
+    _, our_logits = greedy(model, prompt, 20)
+    _, their_logits = llama_greedy(path, prompt, 20)
+    assert np.abs(our_logits - their_logits).max() > 1e-2
+
+
+def test_llama_cpp_tokenizes_like_ours(tmp_path):
+    llama_cpp_or_skip()
+    tok = CharTokenizer(CORPUS)
+    path = export_gguf(sharp_model(), tok, tmp_path / "m.gguf")
+    llm = open_llama(path, n_ctx=64, vocab_only=True)
+    assert llm.tokenize(CORPUS.encode(), add_bos=False, special=False) == tok.encode(CORPUS)
+
+
+def test_llama_cpp_tokenizes_gpt2_bpe_like_tiktoken(tmp_path):
+    llama_cpp_or_skip()
+    from nanogpt_plus.tokenizer import GPT2Tokenizer
+    try: tok = GPT2Tokenizer()
+    except ConnectionError: pytest.skip("tiktoken's GPT-2 vocabulary is not cached (tools/seed_offline_caches.py)")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, context_size=64, n_layer=1, n_head=2, n_embd=32, bias=False)).eval()
+    path = export_gguf(model, tok, tmp_path / "m.gguf", dtype="f16")
+    llm = open_llama(path, n_ctx=64, vocab_only=True)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.  Ça va? 1234 <|endoftext|>"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_llama_cpp_smaller_weights_stay_close(tmp_path, dtype):
+    llama_cpp_or_skip()
+    model, tok = sharp_model(**MODERN), CharTokenizer(CORPUS)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", dtype=dtype)
+    prompt = tok.encode("First Citizen:\n")
+    _, our_logits = greedy(model, prompt, 20)
+    _, their_logits = llama_greedy(path, prompt, 20)
+    assert np.abs(our_logits - their_logits).max() < (0.05 if dtype == "f16" else 0.2)
+    assert path.stat().st_size < export_gguf(model, tok, tmp_path / "f32.gguf").stat().st_size * (0.6 if dtype == "f16" else 0.4)
