@@ -80,9 +80,11 @@ def test_export_onnx_refuses_existing_file_and_other_models(tmp_path):
 
 # --- int8 models are de-quantized --------------------------------------------------------------------------
 
-def test_float_model_dequantizes_int8():
-    model = sharp_model()
-    int8 = prepare_decoding(sharp_model(), "int8", kernel=False)
+@pytest.mark.parametrize("kernel", [False, True], ids=["pytorch-layout", "kernel-layout"])
+@pytest.mark.parametrize("options", [{}, MODERN], ids=["tied", "untied"])
+def test_float_model_dequantizes_int8(kernel, options):
+    model = sharp_model(**options)
+    int8 = prepare_decoding(sharp_model(**options), "int8", kernel=kernel)
     plain = float_model(int8)
     assert isinstance(plain.blocks[0].attn.qkv, torch.nn.Linear)
     torch.testing.assert_close(plain.blocks[1].mlp.fc.weight, int8.blocks[1].mlp.fc.dense())
