@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -46,13 +44,13 @@ from .train import (Checkpoint, TrainConfig, Trainer, evaluate, restore_trainer_
                                 standard_callbacks)
 
 # chapter 17b's GGUF and ONNX writers, where this version has them (`export --format gguf|onnx` says so otherwise)
-formats = importlib.import_module("nanogpt_plus.formats") if importlib.util.find_spec("nanogpt_plus.formats") else None
+from .formats import GGUF_DTYPES, export_gguf, export_onnx
 
 # %% auto #0
-__all__ = ['formats', 'GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int',
-           'positive_float', 'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS',
-           'SHAPE_FLAGS', 'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES',
-           'SERVE_DTYPES', 'EXPORT_FORMATS', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args',
+__all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
+           'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS', 'SHAPE_FLAGS',
+           'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'SERVE_DTYPES',
+           'EXPORT_FORMATS', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args',
            'add_parallel_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer',
            'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
            'add_generate_args', 'load_model_for', 'start_token', 'generation_model', 'generate_command',
@@ -869,6 +867,8 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "file for llama.cpp; onnx: a graph for onnxruntime")
     parser.add_argument("--out", metavar="PATH", required=True, help="the directory (hf) or file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace what PATH holds (only once the new one is complete)")
+    parser.add_argument("--gguf-dtype", choices=GGUF_DTYPES, default="f32", help="the weights of a GGUF file: f32, f16 or "
+                        "q8_0 (8 bits in blocks of 32, about a quarter of f32's size) (default: %(default)s)")
     return parser
 
 
@@ -876,8 +876,6 @@ def export_command(args) -> int:
     "Run `nanogpt-plus export` with parsed `args`."
     src, out = Path(args.checkpoint), Path(args.out)
     if out.exists() and not args.overwrite: raise ValueError(f"{out} exists already: pass --overwrite to replace it, or another --out")
-    if args.format != "hf" and formats is None:
-        raise ValueError(f"--format {args.format} is not available in this version (it needs nanogpt_plus.formats): use --format hf")
     if _saved_weights(src):
         raise ValueError(f"{src} holds {_saved_weights(src)} weights (from `nanogpt-plus quantize`): export the float32 checkpoint "
                          "it came from, since de-quantized weights would pass for the trained ones")
@@ -886,8 +884,9 @@ def export_command(args) -> int:
     else: model, tokenizer = load_checkpoint(src, kind="gpt")
     if args.format == "hf": export_hf(model, tokenizer, out, overwrite=args.overwrite)
     else:  # a file of chapter 17b's, written beside PATH and moved there once complete
-        writer = getattr(formats, f"export_{args.format}")
-        write_atomically(out, lambda path: writer(model, tokenizer, path), overwrite=args.overwrite)
+        write = (lambda path: export_gguf(model, tokenizer, path, dtype=args.gguf_dtype)) if args.format == "gguf" else \
+            (lambda path: export_onnx(model, path))
+        write_atomically(out, write, overwrite=args.overwrite)
     print(f"{args.format} export of the GPT in {src} ({model.num_params():,} parameters) written to {out}")
     return 0
 

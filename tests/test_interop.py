@@ -266,10 +266,25 @@ def test_cli_bad_inputs(ckpts, hf_dirs, tmp_path):
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:2000])
     one_line_error(cli("export", "--checkpoint", d, "--format", "hf", "--out", tmp_path / "t"))
     assert not (tmp_path / "t").exists() and not (tmp_path / "q").exists()
-    try: import nanogpt_plus.formats  # noqa: F401
-    except ImportError:
-        assert "not available" in one_line_error(cli("export", "--checkpoint", ckpts / "modern", "--format", "gguf",
-                                                     "--out", tmp_path / "m.gguf"))
+    (tmp_path / "taken.gguf").write_bytes(b"mine")
+    assert "exists" in one_line_error(cli("export", "--checkpoint", ckpts / "base", "--format", "gguf", "--out", tmp_path / "taken.gguf"))
+    assert (tmp_path / "taken.gguf").read_bytes() == b"mine"  # nothing of the user's is lost
+
+
+def test_cli_exports_gguf_and_onnx(ckpts, tmp_path):
+    "`export --format gguf|onnx` (chapter 17b's writers): llama.cpp's file with its key/value heads, onnxruntime's graph."
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install nanogpt-plus[interop])")
+    onnx = pytest.importorskip("onnx", reason="the onnx package is not installed (pip install nanogpt-plus[interop])")
+    r = cli("export", "--checkpoint", ckpts / "modern", "--format", "gguf", "--gguf-dtype", "f16", "--out", tmp_path / "m.gguf")
+    assert r.returncode == 0, r.stderr
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert (fields["llama.attention.head_count"].contents(), fields["llama.attention.head_count_kv"].contents()) == (4, 2)
+    r = cli("export", "--checkpoint", ckpts / "modern", "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert [i.name for i in graph.input] == ["input_ids", "past_keys", "past_values"]
+    assert graph.input[1].type.tensor_type.shape.dim[2].dim_value == 2  # the cache holds the 2 key/value heads
 
 
 def test_byte_level_tokenizer_streams_bytes(tmp_path):
