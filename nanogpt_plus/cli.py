@@ -1,4 +1,4 @@
-"""`nanogpt-plus train`, `generate`, `prepare` and `quantize`: the book's models without writing Python, configured by flags or by a TOML file.
+"""`nanogpt-plus train`, `generate`, `prepare`, `quantize`, `merge`, `export`, `serve` and `eval`: the book's models without writing Python, configured by flags or by a TOML file.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/cli.html.md"""
 
@@ -49,14 +49,14 @@ from .formats import GGUF_DTYPES, export_gguf, export_onnx
 # %% auto #0
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
            'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS', 'SHAPE_FLAGS',
-           'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'SERVE_DTYPES',
-           'EXPORT_FORMATS', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args',
-           'add_parallel_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer',
-           'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
+           'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'EXPORT_FORMATS',
+           'SERVE_DTYPES', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args', 'add_parallel_args',
+           'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer', 'shakespeare_path',
+           'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
            'add_generate_args', 'load_model_for', 'start_token', 'generation_model', 'generate_command',
            'add_prepare_args', 'prepare_command', 'add_quantize_args', 'quantize_command', 'add_merge_args',
-           'merge_command', 'add_serve_args', 'serve_command', 'add_eval_args', 'eval_command', 'load_hf_for_cli',
-           'init_base', 'load_adapted_any', 'add_export_args', 'export_command', 'build_parser', 'parse_args', 'main']
+           'merge_command', 'load_hf_for_cli', 'init_base', 'load_adapted_any', 'add_export_args', 'export_command',
+           'add_serve_args', 'serve_command', 'add_eval_args', 'eval_command', 'build_parser', 'parse_args', 'main']
 
 # %% ../nbs/11_cli.ipynb #78cad1c9
 GPT_SIZES = tuple(name for name in PRESETS if name not in GPT2_HUB_REPOS)  # the character-level presets
@@ -764,70 +764,12 @@ def merge_command(args) -> int:
     print(f"the adapter in {args.adapter}, merged into its base: an ordinary checkpoint in {out}")
     return 0
 
-# %% ../nbs/11_cli.ipynb #5e7a18c0
-SERVE_DTYPES = ["float32", "bfloat16", "int8"]  # serve --dtype
-
-
-def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Declare the options of `nanogpt-plus serve` on `parser`."
-    src = parser.add_argument_group("the model (one of these)")
-    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint of `train` or `quantize`, a LoRA adapter, or a "
-                     "GPT-2 directory written by transformers' save_pretrained")
-    src.add_argument("--gpt2-config", metavar="NAME", help=f"OpenAI GPT-2 weights: {', '.join(GPT2_CONFIGS)}")
-    net = parser.add_argument_group("the server")
-    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
-                     "only; 0.0.0.0 opens it to the network)")
-    net.add_argument("--port", type=positive_int, default=8000, help="(default: %(default)s)")
-    net.add_argument("--api-key", metavar="KEY", default=os.environ.get("NANOGPT_PLUS_API_KEY"), help="require "
-                     "'Authorization: Bearer KEY' (default: $NANOGPT_PLUS_API_KEY, else no key)")
-    net.add_argument("--name", help="the model's id in the API (default: the directory's name)")
-    lim = parser.add_argument_group("limits")
-    lim.add_argument("--max-batch", type=positive_int, default=16, metavar="N", help="sequences decoded together (default: %(default)s)")
-    lim.add_argument("--max-queue", type=positive_int, default=64, metavar="N", help="sequences that may wait; more get "
-                     "429 (default: %(default)s)")
-    lim.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N", help="cap on max_tokens (default: %(default)s)")
-    run = parser.add_argument_group("speed")
-    run.add_argument("--dtype", choices=SERVE_DTYPES, help="format of the weights (default: float32, or what a "
-                     "checkpoint written by `quantize` holds)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    return parser
-
-
-def serve_command(args) -> int:
-    "Run `nanogpt-plus serve` with parsed `args`: load the model as `generate gpt` does, then serve it (chapter 18)."
-    if (args.checkpoint is None) == (args.gpt2_config is None): raise ValueError("pass one of --checkpoint and --gpt2-config")
-    ckpt = Path(args.checkpoint) if args.checkpoint else None  # ours, an adapter, or a transformers directory
-    source = argparse.Namespace(model="gpt", size=None, adapter=None, dtype=args.dtype, checkpoint=args.checkpoint,
-                                gpt2_config=args.gpt2_config)
-    model, tokenizer = generation_model(source, resolve_device(args.device))
-    if not isinstance(model, GPT): raise ValueError(f"{args.checkpoint} holds a {type(model).__name__}: serve runs GPTs")
-    name = args.name or (ckpt.resolve().name if ckpt else args.gpt2_config)
-    limits = ServeLimits(max_tokens=args.max_tokens, max_batch=args.max_batch, max_queue=args.max_queue)
-    return serve(model, tokenizer, name, args.host, args.port, args.api_key, limits)
-
-# %% ../nbs/11_cli.ipynb #4f9bd65e
-def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Declare the options of `nanogpt-plus eval` on `parser`."
-    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="a checkpoint, an int8/bf16 copy, a LoRA "
-                        "adapter or a directory of GPT-2 weights (transformers' layout)")
-    parser.add_argument("--suite", default="quick", help=f"{' or '.join(SUITES)}: quick takes about a minute on two "
-                        "cores (default: %(default)s)")
-    parser.add_argument("--text", metavar="FILE", help="also score this UTF-8 text file")
-    parser.add_argument("--out-dir", metavar="DIR", help="where to write the report (default: the checkpoint's directory)")
-    return parser
-
-
-def eval_command(args) -> int:
-    "Run `nanogpt-plus eval` with parsed `args`."
-    extra = {Path(args.text).name: load_text(args.text)} if args.text else None  # empty or not UTF-8: a clear error
-    evaluate_checkpoint(args.checkpoint, args.suite, args.out_dir, extra=extra)
-    print(f"wrote report.md, report.json, bpc.png and reliability.png to {args.out_dir or args.checkpoint}")
-    return 0
-
 # %% ../nbs/11_cli.ipynb #b91ba6d6
 def load_hf_for_cli(path, device, training: bool = False):
     "`load_hf` for the command line: refused without a tokenizer (and, to train, with one our checkpoints cannot store)."
     model, tokenizer = load_hf(path, device)
+    if tokenizer is None and read_hf_config(path).get("model_type") == "gpt2" and model.config.vocab_size == 50257:
+        tokenizer = GPT2Tokenizer()  # GPT-2's own vocabulary, as `--gpt2-config DIR` reads it (chapter 10)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer.json, so text cannot be turned into its tokens: copy the model's "
                          "tokenizer files into that directory")
@@ -888,6 +830,66 @@ def export_command(args) -> int:
             (lambda path: export_onnx(model, path))
         write_atomically(out, write, overwrite=args.overwrite)
     print(f"{args.format} export of the GPT in {src} ({model.num_params():,} parameters) written to {out}")
+    return 0
+
+# %% ../nbs/11_cli.ipynb #5e7a18c0
+SERVE_DTYPES = ["float32", "bfloat16", "int8"]  # serve --dtype
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Declare the options of `nanogpt-plus serve` on `parser`."
+    src = parser.add_argument_group("the model (one of these)")
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint of `train` or `quantize`, a LoRA adapter, or a "
+                     "GPT-2 directory written by transformers' save_pretrained")
+    src.add_argument("--gpt2-config", metavar="NAME", help=f"OpenAI GPT-2 weights: {', '.join(GPT2_CONFIGS)}")
+    net = parser.add_argument_group("the server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                     "only; 0.0.0.0 opens it to the network)")
+    net.add_argument("--port", type=positive_int, default=8000, help="(default: %(default)s)")
+    net.add_argument("--api-key", metavar="KEY", default=os.environ.get("NANOGPT_PLUS_API_KEY"), help="require "
+                     "'Authorization: Bearer KEY' (default: $NANOGPT_PLUS_API_KEY, else no key)")
+    net.add_argument("--name", help="the model's id in the API (default: the directory's name)")
+    lim = parser.add_argument_group("limits")
+    lim.add_argument("--max-batch", type=positive_int, default=16, metavar="N", help="sequences decoded together (default: %(default)s)")
+    lim.add_argument("--max-queue", type=positive_int, default=64, metavar="N", help="sequences that may wait; more get "
+                     "429 (default: %(default)s)")
+    lim.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N", help="cap on max_tokens (default: %(default)s)")
+    run = parser.add_argument_group("speed")
+    run.add_argument("--dtype", choices=SERVE_DTYPES, help="format of the weights (default: float32, or what a "
+                     "checkpoint written by `quantize` holds)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    return parser
+
+
+def serve_command(args) -> int:
+    "Run `nanogpt-plus serve` with parsed `args`: load the model as `generate gpt` does, then serve it (chapter 18)."
+    if (args.checkpoint is None) == (args.gpt2_config is None): raise ValueError("pass one of --checkpoint and --gpt2-config")
+    ckpt = Path(args.checkpoint) if args.checkpoint else None  # ours, an adapter, or a transformers directory
+    source = argparse.Namespace(model="gpt", size=None, adapter=None, dtype=args.dtype, checkpoint=args.checkpoint,
+                                gpt2_config=args.gpt2_config)
+    model, tokenizer = generation_model(source, resolve_device(args.device))
+    if not isinstance(model, GPT): raise ValueError(f"{args.checkpoint} holds a {type(model).__name__}: serve runs GPTs")
+    name = args.name or (ckpt.resolve().name if ckpt else args.gpt2_config)
+    limits = ServeLimits(max_tokens=args.max_tokens, max_batch=args.max_batch, max_queue=args.max_queue)
+    return serve(model, tokenizer, name, args.host, args.port, args.api_key, limits)
+
+# %% ../nbs/11_cli.ipynb #4f9bd65e
+def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Declare the options of `nanogpt-plus eval` on `parser`."
+    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="a checkpoint, an int8/bf16 copy, a LoRA "
+                        "adapter or a directory of GPT-2 weights (transformers' layout)")
+    parser.add_argument("--suite", default="quick", help=f"{' or '.join(SUITES)}: quick takes about a minute on two "
+                        "cores (default: %(default)s)")
+    parser.add_argument("--text", metavar="FILE", help="also score this UTF-8 text file")
+    parser.add_argument("--out-dir", metavar="DIR", help="where to write the report (default: the checkpoint's directory)")
+    return parser
+
+
+def eval_command(args) -> int:
+    "Run `nanogpt-plus eval` with parsed `args`."
+    extra = {Path(args.text).name: load_text(args.text)} if args.text else None  # empty or not UTF-8: a clear error
+    evaluate_checkpoint(args.checkpoint, args.suite, args.out_dir, extra=extra)
+    print(f"wrote report.md, report.json, bpc.png and reliability.png to {args.out_dir or args.checkpoint}")
     return 0
 
 # %% ../nbs/11_cli.ipynb #8d2bb39d

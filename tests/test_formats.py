@@ -113,7 +113,7 @@ def test_cache_step_matches_forward(options):
 @pytest.mark.parametrize("options", [{}, MODERN, GQA, MODERN | dict(qk_norm=True, mlp="relu2", logit_softcap=10.0)],
                          ids=["gpt2-block", "modern", "grouped-query", "every-option"])
 def test_onnx_greedy_200_tokens(tmp_path, options):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install nanogpt-plus[formats])")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install nanogpt-plus[interop])")
     model = sharp_model(**options)
     path = export_onnx(model, tmp_path / "m.onnx")
     prompt = CharTokenizer(CORPUS).encode("First Citizen:\n")
@@ -125,7 +125,7 @@ def test_onnx_greedy_200_tokens(tmp_path, options):
 
 
 def test_onnx_batch_and_context_limit(tmp_path):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install nanogpt-plus[formats])")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install nanogpt-plus[interop])")
     import onnxruntime
     model = sharp_model(**MODERN)
     path = export_onnx(model, tmp_path / "m.onnx")
@@ -187,7 +187,7 @@ def test_rope_permutation_turns_adjacent_pairs_like_ours():
 @pytest.mark.parametrize("options", [{}, MODERN, QWEN3], ids=["gpt2", "llama", "qwen3"])
 @pytest.mark.parametrize("dtype", GGUF_DTYPES)
 def test_gguf_file_reads_back(tmp_path, options, dtype):
-    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install nanogpt-plus[formats])")
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install nanogpt-plus[interop])")
     model, tok = sharp_model(**options), CharTokenizer(CORPUS)
     path = export_gguf(model, tok, tmp_path / "m.gguf", dtype=dtype)
     r = gguf.GGUFReader(path)
@@ -228,7 +228,7 @@ def test_gpt2_merges_reproduce_tiktoken():
 # --- llama.cpp round trips (llama-cpp-python compiles llama.cpp: an optional extra) ------------------------------
 
 def llama_cpp_or_skip():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install nanogpt-plus[formats])")
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install nanogpt-plus[interop])")
 
 
 def open_llama(path, **kwargs):
