@@ -1,4 +1,4 @@
-"""Generating one token reads every weight once: the roofline of decoding measured on this machine, a small kernel that streams float32, bfloat16 and int8 weights at the memory-bandwidth limit, int8 weights with a scale per channel, a decode step without overhead, and what each costs in quality.
+"""Generating one token reads every weight once: the roofline of decoding measured on this machine, a small kernel that streams float32, bfloat16 and int8 weights at the memory-bandwidth limit on every core, int8 weights with a scale per channel, a decode step without overhead, and what each costs in quality.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/fast_generation.html.md"""
 
