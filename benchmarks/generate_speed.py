@@ -164,6 +164,7 @@ def main():
     args = ap.parse_args()
     if args.llama_cpp: llama_cpp_peer(args.llama_cpp)
     default = torch.get_num_threads()
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # names this run's lines
     counts = [default if t == "default" else int(t) for t in args.threads.split(",")]
     from nanogpt_plus.fastgen import decode_kernels
     k = decode_kernels()
@@ -174,7 +175,7 @@ def main():
             res.update(default_threads=threads == default, cpus=os.cpu_count(), new_tokens=args.new_tokens,
                        prompt_tokens=args.prompt_tokens, rounds=args.rounds, torch=torch.__version__,
                        kernels="C, OpenMP" if k.openmp else ("C, one thread" if k.matvec else f"PyTorch ({k.problem})"),
-                       load_1min_after=round(os.getloadavg()[0], 1), note=args.note,
+                       load_1min_after=round(os.getloadavg()[0], 1), note=args.note, started=started,
                        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
             line = json.dumps(res)
             print(line, flush=True)

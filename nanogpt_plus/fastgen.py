@@ -263,7 +263,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # %% ../nbs/16_fast_generation.ipynb #f67e23ec
 KERNEL_ROWS = 32  # above this many rows a product is bound by arithmetic, not memory: ordinary matrix products win
-THREAD_BYTES = 2**18  # weights per thread: a smaller share is read faster than another thread wakes up
+THREAD_BYTES = 2**18  # weights per thread, at least: one core reads 256 KB in about the time it takes to wake a thread
 
 
 def kernel_threads(nbytes: int) -> int:
