@@ -161,7 +161,12 @@ void NAME(const float *x, const T *w, const float *scale, const float *bias, flo
 MATVEC(matvec_f32, float, LOAD_F32)
 MATVEC(matvec_bf16, uint16_t, LOAD_BF16)
 MATVEC(matvec_i8, int8_t, LOAD_I8)
+#endif
+"""
 
+# %% ../nbs/16_fast_generation.ipynb #15998601
+_READ = r"""
+#ifdef LANES
 /* Read n bytes (n a multiple of 64) as fast as the kernels do, with almost no arithmetic: the bandwidth probe.
    Each of `threads` threads reads one contiguous part, as the kernels' threads do. */
 int64_t read_memory(const int64_t *p, int64_t n, int threads) {
@@ -189,7 +194,7 @@ int decode_kernel_openmp(void) {  /* 1 if built with OpenMP (threads), 0 if ever
 }
 #endif
 """
-DECODE_KERNEL_SOURCE = _SIMD + _MATVEC
+DECODE_KERNEL_SOURCE = _SIMD + _MATVEC + _READ
 
 # %% ../nbs/16_fast_generation.ipynb #391d996c
 def block_rows(w: torch.Tensor) -> torch.Tensor:
