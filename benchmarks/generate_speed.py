@@ -1,33 +1,42 @@
-"""Generation speed against the memory-bandwidth roofline, and against Hugging Face `transformers`, in one process.
+"""Generation speed against the roofline and against Hugging Face `transformers`, in one process, on every thread count asked for.
 
-GPT-2 124M architecture with random weights (the same weights in both models), a 16-token prompt, 200 new tokens,
-greedy decoding, batch 1, CPU. Every round times each variant once, in turn, and reads a 256 MB buffer twice (chapter 16's
-prefetching reader and torch's sum; the faster counts) to measure the memory bandwidth of that moment; the results are medians over rounds, and each ratio is the median of the ratios within
-rounds, so a change of machine load (other jobs) hits both sides of a ratio alike.
+Two model shapes, random weights (the same in every variant): GPT-2 124M (12 layers, 12 heads, 768 wide, 50,257
+tokens), whose weights come from memory at every token, and chapter 8's recipe shape (4 layers, 4 heads, 192 wide,
+65 characters; a context of 256 here so that prompt and new tokens fit in one window), whose weights fit in the
+last-level cache. A 16-token prompt, 200 new tokens, greedy, batch 1, CPU.
 
-Threads: chapter 16's C kernels compute on one thread, so the like-with-like run is `--threads 1 --clock cpu`: the
-peer on one thread too, and the roofline of the bandwidth one thread reads. With more threads PyTorch's sum reads
-faster than one kernel thread, and the fractions fall against that roofline.
+Variants: ours, prepared as `nanogpt-plus generate --dtype D --use-kv-cache` does (chapter 16's `prepare_decoding`
+and `FastDecoder`), with float32, bfloat16 and int8 weights; the peer, `transformers`' `GPT2LMHeadModel.generate`
+with its defaults (its cache) in float32 and in bfloat16. llama.cpp is a peer still to come: see `llama_cpp_peer`.
 
-Variants: ours, prepared as `nanogpt-plus generate --dtype D --use-kv-cache` does (chapter 16's `prepare_decoding` and
-`FastDecoder`: C kernels where they build), with float32, bfloat16 and int8 (weight-only, one scale per output
-channel) weights; optionally the same through PyTorch's kernels, and the float32 step under torch.compile; the peer's
-`GPT2LMHeadModel.generate` in float32 with its cache. For each of ours: tokens/s, the ratio to the peer, the bytes
-one token reads (weights and key-value cache), the roofline (bandwidth / bytes per token) and the fraction of it
-reached, and the fraction of greedy tokens equal to our float32 tokens (float32 itself must equal the peer's).
+Threads: each thread count of `--threads` (default: torch's default, then 1) is a block of its own: every variant
+and the roof probes run with that many threads (`torch.set_num_threads`). Every round times each variant once, in
+turn, and reads a 256 MB buffer with chapter 16's reader on the same threads (the memory-bandwidth roof of that
+moment) and times a 1024 x 1024 fp32 matrix product (the compute roof). Results are medians over rounds; each ratio
+is the median of the ratios within rounds, so a change of machine load (other jobs) hits both sides of a ratio alike.
 
-    python benchmarks/generate_speed.py [--new-tokens 200] [--rounds 5] [--threads N] [--clock wall|cpu]
-                                        [--dtypes float32,bfloat16,int8] [--torch-kernels] [--no-peer] [--compile]
+For each of ours: tokens/s, the ratio to transformers float32 (and to transformers in the same precision, bfloat16
+against bfloat16), the bytes one token reads (weights and key-value cache), the bandwidth roof (bandwidth / bytes
+per token), the compute roof (fp32 FLOP/s / FLOPs per token: the kernels multiply in fp32 for every format), the
+fraction of the lower of the two reached, and the fraction of greedy tokens equal to our float32 ones.
 
-Prints one JSON line (progress goes to stderr).
+    python benchmarks/generate_speed.py [--models gpt2,recipe] [--threads default,1] [--rounds 5] [--new-tokens 200]
+                                        [--out nanogpt_plus/results/generate_speed.jsonl]
+
+Prints one JSON line per model and thread count (progress goes to stderr); with --out, also appends them there.
 """
 import argparse
+import datetime
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
+
+SHAPES = {"gpt2": dict(vocab_size=50257, context_size=1024, n_layer=12, n_head=12, n_embd=768),
+          "recipe": dict(vocab_size=65, context_size=256, n_layer=4, n_head=4, n_embd=192)}
 
 
 def log(*a):
@@ -53,106 +62,125 @@ def copy_weights(peer, ours):
         ours.ln_f.bias.copy_(sd["transformer.ln_f.bias"])
 
 
+def llama_cpp_peer(gguf_dir):
+    """The place for llama.cpp (`llama-cpp-python`) as a peer: the same weights exported to GGUF by chapter 17, f32
+    against our float32, f16 against our bfloat16, q8_0 against our int8, with the same threads. Not written yet:
+    the GGUF export is not in the library yet. Nothing is measured or reported for llama.cpp until it is."""
+    sys.exit("error: the llama.cpp peer is not available yet (it needs chapter 17's GGUF export); run without --llama-cpp")
+
+
+def build(shape, dtypes, peer_dtypes):
+    "Our prepared variants and the transformers peers, all with the same random weights."
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from nanogpt_plus.fastgen import prepare_decoding
+    from nanogpt_plus.gpt import GPT, GPTConfig
+    hf_logging.set_verbosity_error()
+    s = SHAPES[shape]
+    torch.manual_seed(0)
+    peer = GPT2LMHeadModel(GPT2Config(vocab_size=s["vocab_size"], n_positions=s["context_size"], n_layer=s["n_layer"],
+                                      n_head=s["n_head"], n_embd=s["n_embd"])).eval()
+    ref = GPT(GPTConfig(**s)).eval()
+    copy_weights(peer, ref)
+    ours = {}
+    for d in dtypes:  # each from a copy of the float32 weights, as `nanogpt-plus generate --dtype d` does
+        m = GPT(ref.config).eval()
+        m.load_state_dict(ref.state_dict())
+        ours[d] = prepare_decoding(m, d)
+    peers = {d: (peer if d == "float32" else GPT2LMHeadModel(peer.config).eval()) for d in peer_dtypes}
+    for d, p in peers.items():
+        if d != "float32": p.load_state_dict(peer.state_dict()); p.to(getattr(torch, d))
+    return ours, peers
+
+
+def measure(shape, threads, ours, peers, args):
+    "One block: every variant and both roof probes, alternating rounds, with `threads` threads. A dict of results."
+    from nanogpt_plus.bigram import generate
+    from nanogpt_plus.fastgen import FastDecoder, kv_cache_bytes, matmul_probe, read_probe, weight_bytes
+    torch.set_num_threads(threads)
+    n, T0, V = args.new_tokens, args.prompt_tokens, SHAPES[shape]["vocab_size"]
+    idx = torch.randint(0, V, (1, T0), generator=torch.Generator().manual_seed(1))
+
+    def run_ours(d, k=n): return generate(ours[d], idx, k, temperature=0, decoder=FastDecoder(ours[d], 1))
+    def run_peer(d, k=n):
+        return peers[d].generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=k, min_new_tokens=k,
+                                 do_sample=False, pad_token_id=0)
+    probe, mm = 2**28, 1024
+    runs = {**{d: (lambda d=d: run_ours(d)) for d in ours}, **{f"transformers_{d}": (lambda d=d: run_peer(d)) for d in peers},
+            "bandwidth": read_probe(probe, kernel=True), "matmul": matmul_probe(torch.float32, mm)}
+    times, outs = {k: [] for k in runs}, {}
+    with torch.inference_mode():
+        for d in ours: run_ours(d, 4)  # warm-up: first calls allocate and pick kernels
+        for d in peers: run_peer(d, 4)
+        runs["bandwidth"](); runs["matmul"]()
+        for r in range(args.rounds):
+            for name, f in runs.items():
+                t0 = time.perf_counter()
+                outs[name] = f()
+                times[name].append(time.perf_counter() - t0)
+            log(f"{shape} threads {threads} round {r + 1}: " + ", ".join(
+                f"{k} {n / v[-1]:.1f} tok/s" for k, v in times.items() if k not in ("bandwidth", "matmul"))
+                + f", bandwidth {probe / times['bandwidth'][-1] / 1e9:.1f} GB/s, "
+                  f"fp32 {2 * mm**3 / times['matmul'][-1] / 1e9:.0f} GFLOP/s")
+    med = statistics.median
+    bw = [probe / t for t in times["bandwidth"]]
+    flops = [2 * mm**3 / t for t in times["matmul"]]
+    res = {"model": shape, "threads": threads, "bandwidth_gb_s": round(med(bw) / 1e9, 2),
+           "fp32_gflop_s": round(med(flops) / 1e9, 1)}
+    for d in peers: res[f"transformers_{d}_tokens_per_s"] = round(n / med(times[f"transformers_{d}"]), 2)
+    for d, model in ours.items():
+        per_token = weight_bytes(model) + kv_cache_bytes(model, T0 + n // 2)  # the weights, and the cache at the mean position
+        flop = 2 * sum(p.numel() for name, p in model.named_parameters() if name.endswith(".weight") and p.dim() > 1
+                       and "emb" not in name)  # two per weight of every matrix multiplied
+        roof = [min(b / per_token, f / flop) for b, f in zip(bw, flops)]  # tokens/s at the lower roof, per round
+        speed = [n / t for t in times[d]]
+        r = {"tokens_per_s": round(med(speed), 2), "mb_per_token": round(per_token / 1e6, 2),
+             "bandwidth_roof_tokens_per_s": round(med(b / per_token for b in bw), 1),
+             "compute_roof_tokens_per_s": round(med(f / flop for f in flops), 1),
+             "roof_fraction": round(med(s / x for s, x in zip(speed, roof)), 3)}
+        for p in peers:
+            r[f"ratio_to_transformers_{p}"] = round(med(a / b for a, b in zip(times[f"transformers_{p}"], times[d])), 3)
+        if d != "float32" and "float32" in ours:
+            r["same_greedy_tokens_as_fp32"] = round((outs[d] == outs["float32"])[:, T0:].float().mean().item(), 3)
+        res[d] = r
+    if "float32" in ours and "float32" in peers:
+        res["fp32_tokens_equal_transformers"] = bool(torch.equal(outs["float32"], outs["transformers_float32"]))
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="gpt2,recipe", help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--threads", default="default,1", help="comma-separated thread counts; 'default' is torch's")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians over them)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--dtypes", default="float32,bfloat16,int8", help="our variants, comma-separated")
-    ap.add_argument("--no-peer", action="store_true", help="skip transformers")
-    ap.add_argument("--compile", action="store_true", help="also time our float32 decode step under torch.compile")
-    ap.add_argument("--torch-kernels", action="store_true", help="also time each format through PyTorch's kernels "
-                    "instead of chapter 16's C kernels")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall-clock time, or the CPU time of "
-                    "this thread (one thread only: on a shared machine it leaves out the time other jobs held the core)")
+    ap.add_argument("--peer-dtypes", default="float32,bfloat16", help="transformers' variants, comma-separated")
+    ap.add_argument("--llama-cpp", metavar="GGUF_DIR", help="also llama.cpp on GGUF files (not available yet)")
+    ap.add_argument("--note", default="", help="a remark stored with each line (such as the machine's load)")
+    ap.add_argument("--out", help="also append the JSON lines to this file")
     args = ap.parse_args()
-    if args.clock == "cpu": args.threads = 1  # the CPU time of one thread is the whole computation only with one
-    if args.threads: torch.set_num_threads(args.threads)
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-
-    from nanogpt_plus.bigram import generate
-    from nanogpt_plus.fastgen import FastDecoder, kv_cache_bytes, prepare_decoding, read_probe, weight_bytes
-    from nanogpt_plus.gpt import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    peer = None
-    ours = GPT(GPTConfig.from_name("gpt2")).eval()
-    if not args.no_peer:
-        from transformers import GPT2Config, GPT2LMHeadModel
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        peer = GPT2LMHeadModel(GPT2Config()).eval()  # 124M: 12 layers, 12 heads, 768 wide, context 1024
-        copy_weights(peer, ours)
-    n, T0 = args.new_tokens, args.prompt_tokens
-    idx = torch.randint(0, 50257, (1, T0), generator=torch.Generator().manual_seed(1))
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    variants = {}
-    for d in dtypes:  # each from a copy of the float32 weights, prepared as `nanogpt-plus generate --dtype d` does
-        m = GPT(ours.config).eval()
-        m.load_state_dict(ours.state_dict())
-        variants[d] = prepare_decoding(m, d)
-        if args.torch_kernels:
-            m = GPT(ours.config).eval()
-            m.load_state_dict(ours.state_dict())
-            variants[d + "+torch_kernels"] = prepare_decoding(m, d, kernel=False)
-    if args.compile and "float32" in variants: variants["float32+compile"] = variants["float32"]
-    del ours
-
-    def run_ours(name, k=n):
-        model = variants[name]
-        return generate(model, idx, k, temperature=0, decoder=FastDecoder(model, 1, compile=name.endswith("compile")))
-
-    def run_peer(k=n):
-        return peer.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=k, min_new_tokens=k,
-                             do_sample=False, use_cache=True, pad_token_id=0)
-
-    probe = 2**28  # bytes: far more than any cache holds
-    runs = {name: (lambda name=name: run_ours(name)) for name in variants}
-    if peer is not None: runs["transformers"] = run_peer
-    runs["bandwidth"] = read_probe(probe, kernel=True)  # reads as the kernels do, prefetching (sum where no kernels)
-    runs["bandwidth_sum"] = read_probe(probe)  # torch's sum over the buffer, for reference
-    times, outs = {k: [] for k in runs}, {}
-    with torch.inference_mode():
-        for name, f in runs.items():  # warm-up: first calls allocate, pick kernels (and compile)
-            t0 = time.perf_counter()
-            f() if name.startswith("bandwidth") else (run_peer(4) if name == "transformers" else run_ours(name, 4))
-            log(f"warm-up {name}: {time.perf_counter() - t0:.1f} s")
-        for r in range(args.rounds):
-            for name, f in runs.items():
-                t0 = clock()
-                outs[name] = f()
-                times[name].append(clock() - t0)
-            log(f"round {r + 1}: " + ", ".join(f"{k} {n / v[-1]:.1f} tok/s" for k, v in times.items()
-                                              if not k.startswith("bandwidth"))
-                + f", bandwidth {probe / min(times['bandwidth'][-1], times['bandwidth_sum'][-1]) / 1e9:.1f} GB/s")
-
-    bw = [probe / min(a, b) for a, b in zip(times["bandwidth"], times["bandwidth_sum"])]  # the faster probe, per round
-    result = {"bandwidth_gb_s": round(statistics.median(bw) / 1e9, 2),
-              "bandwidth_sum_gb_s": round(statistics.median(probe / t for t in times["bandwidth_sum"]) / 1e9, 2)}
-    if peer is not None: result["transformers_tokens_per_s"] = round(n / statistics.median(times["transformers"]), 2)
-    reference = outs.get("float32")
-    for name in variants:
-        model = variants[name]
-        # bytes per generated token: the weights once, plus the keys and values read back at the mean position
-        per_token = weight_bytes(model) + kv_cache_bytes(model, T0 + n // 2)
-        roofline = [b / per_token for b in bw]  # tokens/s if the step did nothing but read its bytes, per round
-        speed = [n / t for t in times[name]]
-        res = {"tokens_per_s": round(statistics.median(speed), 2),
-               "mb_per_token": round(per_token / 1e6, 1),
-               "roofline_tokens_per_s": round(statistics.median(roofline), 1),
-               "roofline_fraction": round(statistics.median(s / r for s, r in zip(speed, roofline)), 3)}
-        if peer is not None:
-            res["ratio_to_transformers_fp32"] = round(statistics.median(
-                p / o for p, o in zip(times["transformers"], times[name])), 3)
-        if reference is not None and name != "float32":
-            res["same_greedy_tokens_as_fp32"] = round((outs[name] == reference)[:, T0:].float().mean().item(), 3)
-        result[name] = res
-    if peer is not None and reference is not None:
-        result["fp32_tokens_equal_transformers"] = bool(torch.equal(reference, outs["transformers"]))
-    result.update(clock=args.clock, new_tokens=n, prompt_tokens=T0, rounds=args.rounds, threads=torch.get_num_threads(),
-                  torch=torch.__version__)
-    print(json.dumps(result))
+    if args.llama_cpp: llama_cpp_peer(args.llama_cpp)
+    default = torch.get_num_threads()
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # names this run's lines
+    counts = [default if t == "default" else int(t) for t in args.threads.split(",")]
+    from nanogpt_plus.fastgen import decode_kernels
+    k = decode_kernels()
+    for shape in args.models.split(","):
+        ours, peers = build(shape, [d for d in args.dtypes.split(",") if d], [d for d in args.peer_dtypes.split(",") if d])
+        for threads in counts:
+            res = measure(shape, threads, ours, peers, args)
+            res.update(default_threads=threads == default, cpus=os.cpu_count(), new_tokens=args.new_tokens,
+                       prompt_tokens=args.prompt_tokens, rounds=args.rounds, torch=torch.__version__,
+                       kernels="C, OpenMP" if k.openmp else ("C, one thread" if k.matvec else f"PyTorch ({k.problem})"),
+                       load_1min_after=round(os.getloadavg()[0], 1), note=args.note, started=started,
+                       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+            line = json.dumps(res)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f: f.write(line + "\n")
 
 
 if __name__ == "__main__":

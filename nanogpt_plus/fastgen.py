@@ -1,4 +1,4 @@
-"""Generating one token reads every weight once: the roofline of decoding measured on this machine, a small kernel that streams float32, bfloat16 and int8 weights at the memory-bandwidth limit, int8 weights with a scale per channel, a decode step without overhead, and what each costs in quality.
+"""Generating one token reads every weight once: the roofline of decoding measured on this machine, a small kernel that streams float32, bfloat16 and int8 weights at the memory-bandwidth limit on every core, int8 weights with a scale per channel, a decode step without overhead, and what each costs in quality.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/fast_generation.html.md"""
 
@@ -33,10 +33,10 @@ from .data import nanogpt_plus_home
 from .gpt import GPT, OVERFLOW_MODES, CachedDecoder, GPTConfig
 
 # %% auto #0
-__all__ = ['DECODE_KERNEL_SOURCE', 'KERNEL_ROWS', 'DECODE_DTYPES', 'weight_bytes', 'kv_cache_bytes', 'time_rounds', 'read_probe',
-           'matmul_probe', 'block_rows', 'unblock_rows', 'DecodeKernels', 'decode_kernels', 'quantize_weight',
-           'DecodeLinear', 'DecodeEmbedding', 'prepare_decoding', 'fast_step_supported', 'decode_step', 'FastDecoder',
-           'perplexity', 'save_quantized', 'load_quantized']
+__all__ = ['DECODE_KERNEL_SOURCE', 'KERNEL_ROWS', 'THREAD_BYTES', 'DECODE_DTYPES', 'weight_bytes', 'kv_cache_bytes',
+           'time_rounds', 'read_probe', 'matmul_probe', 'block_rows', 'unblock_rows', 'DecodeKernels', 'decode_kernels',
+           'quantize_weight', 'kernel_threads', 'DecodeLinear', 'DecodeEmbedding', 'prepare_decoding',
+           'fast_step_supported', 'decode_step', 'FastDecoder', 'perplexity', 'save_quantized', 'load_quantized']
 
 # %% ../nbs/16_fast_generation.ipynb #bcfef822
 def _nbytes(t: torch.Tensor) -> int: return t.numel() * t.element_size()
@@ -77,7 +77,8 @@ def read_probe(nbytes: int = 2**28, kernel: bool = False) -> Callable[[], object
     "A function that reads `nbytes` of memory once (far more than any cache holds): a sum, or the C kernels' reader."
     buf = torch.ones(nbytes // 4)
     read = decode_kernels().read if kernel else None  # built further down this chapter
-    return (lambda: read(buf.data_ptr(), nbytes)) if read else (lambda: buf.sum())
+    # with as many threads as torch uses at the time of the call, as the kernels do: the roof of that many cores
+    return (lambda: read(buf.data_ptr(), nbytes, torch.get_num_threads())) if read else (lambda: buf.sum())
 
 
 def matmul_probe(dtype: torch.dtype = torch.float32, n: int = 1024) -> Callable[[], object]:
@@ -127,11 +128,14 @@ _MATVEC = r"""
 #ifdef LANES
 /* y[m, n] = scale[n] * sum_k x[m, k] w[n, k] + bias[n] (scale, bias may be NULL), for x (M, K) and y (M, N).
    w is stored in blocks of four rows: chunks of C = 64 / sizeof(T) values (one cache line) of rows 4b, 4b+1,
-   4b+2, 4b+3 in turn, (N/4, K/C, 4, C) with N padded to a multiple of 4 (zero rows) and K to one of C. */
+   4b+2, 4b+3 in turn, (N/4, K/C, 4, C) with N padded to a multiple of 4 (zero rows) and K to one of C.
+   `threads` threads share the blocks, each a contiguous run of them (a static schedule): every output is one
+   thread's sum in one fixed order, so the result is the same bit for bit with any number of threads. */
 #define MATVEC(NAME, T, LOAD)                                                                              \
 void NAME(const float *x, const T *w, const float *scale, const float *bias, float *y,                    \
-          int64_t M, int64_t N, int64_t K) {                                                                \
+          int64_t M, int64_t N, int64_t K, int threads) {                                                   \
     const int64_t C = 64 / sizeof(T), ahead = AHEAD / sizeof(T), size = (N + 3) / 4 * 4 * K;                \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)")                       \
     for (int64_t n = 0; n < N; n += 4) {                                                                    \
         const T *block = w + n * K;                                                                         \
         for (int64_t m = 0; m < M; ++m) {                                                                   \
@@ -158,20 +162,40 @@ void NAME(const float *x, const T *w, const float *scale, const float *bias, flo
 MATVEC(matvec_f32, float, LOAD_F32)
 MATVEC(matvec_bf16, uint16_t, LOAD_BF16)
 MATVEC(matvec_i8, int8_t, LOAD_I8)
+#endif
+"""
 
-/* Read n bytes (n a multiple of 64) as fast as the kernels do, with almost no arithmetic: the bandwidth probe. */
-int64_t read_memory(const int64_t *p, int64_t n) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t i = 0; i < n / 8; i += 8) {
-        if (8 * i + AHEAD < n) _mm_prefetch((const char *)(p + i) + AHEAD, _MM_HINT_T0);
-        acc = _mm256_xor_si256(acc, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + i)),
-                                                      _mm256_loadu_si256((const __m256i *)(p + i + 4))));
+# %% ../nbs/16_fast_generation.ipynb #15998601
+_READ = r"""
+#ifdef LANES
+/* Read n bytes (n a multiple of 64) as fast as the kernels do, with almost no arithmetic: the bandwidth probe.
+   Each of `threads` threads reads one contiguous part, as the kernels' threads do. */
+int64_t read_memory(const int64_t *p, int64_t n, int threads) {
+    int64_t out = 0, lines = n / 64;
+    _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(^:out) if(threads > 1)")
+    for (int t = 0; t < threads; ++t) {
+        __m256i acc = _mm256_setzero_si256();
+        const int64_t end = lines * (t + 1) / threads * 8;  /* in int64 values: 8 per cache line */
+        for (int64_t i = lines * t / threads * 8; i < end; i += 8) {
+            if (8 * i + AHEAD < n) _mm_prefetch((const char *)(p + i) + AHEAD, _MM_HINT_T0);
+            acc = _mm256_xor_si256(acc, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + i)),
+                                                          _mm256_loadu_si256((const __m256i *)(p + i + 4))));
+        }
+        out ^= _mm256_extract_epi64(acc, 0) ^ _mm256_extract_epi64(acc, 3);
     }
-    return _mm256_extract_epi64(acc, 0) ^ _mm256_extract_epi64(acc, 3);
+    return out;
+}
+
+int decode_kernel_openmp(void) {  /* 1 if built with OpenMP (threads), 0 if every call runs on one thread */
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 #endif
 """
-DECODE_KERNEL_SOURCE = _SIMD + _MATVEC
+DECODE_KERNEL_SOURCE = _SIMD + _MATVEC + _READ
 
 # %% ../nbs/16_fast_generation.ipynb #391d996c
 def block_rows(w: torch.Tensor) -> torch.Tensor:
@@ -190,7 +214,8 @@ class DecodeKernels(NamedTuple):
     "The compiled matrix-vector kernels by weight dtype (empty where they could not be built), and why not."
     matvec: dict[torch.dtype, Callable]
     problem: str | None = None
-    read: Callable | None = None  # read_memory(pointer, bytes): reads memory as fast as the kernels
+    read: Callable | None = None  # read_memory(pointer, bytes, threads): reads memory as fast as the kernels
+    openmp: bool = False  # whether the kernels split their rows over threads (built with OpenMP), else one thread
 
 
 def _cpu_id() -> str:
@@ -199,34 +224,40 @@ def _cpu_id() -> str:
     except OSError: return platform.processor() + platform.machine()
 
 
+def _build(cc: str, flags: list[str], lib_path: Path) -> str | None:
+    "Compile `DECODE_KERNEL_SOURCE` with `flags` into `lib_path` (unless it is there): the compiler's complaint, or None."
+    if lib_path.exists(): return None
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+        (Path(tmp) / "decode.c").write_text(DECODE_KERNEL_SOURCE)
+        r = subprocess.run([cc, *flags, "decode.c", "-o", "decode.so"], cwd=tmp, capture_output=True, text=True)
+        if r.returncode: return f"{cc} failed: {(r.stderr.strip().splitlines() or ['?'])[0]}"
+        os.replace(Path(tmp) / "decode.so", lib_path)  # atomic: another process never sees half a file
+    return None
+
+
 @functools.cache
 def decode_kernels() -> DecodeKernels:
-    "Build (once per machine) and load the C kernels of `DECODE_KERNEL_SOURCE`."
+    "Build (once per machine) and load the C kernels of `DECODE_KERNEL_SOURCE`: with OpenMP if the compiler has it."
     if os.name != "posix" or platform.machine().lower() not in ("x86_64", "amd64"):
         return DecodeKernels({}, f"the C kernels are for x86-64 with a POSIX C compiler, not {platform.machine()}")
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if cc is None: return DecodeKernels({}, "no C compiler found (install gcc or clang, or set CC)")
-    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
-    key = hashlib.sha256("\0".join([DECODE_KERNEL_SOURCE, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    lib_path = nanogpt_plus_home() / "kernels" / f"decode-{key}.so"
-    try:
-        if not lib_path.exists():
-            lib_path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-                (Path(tmp) / "decode.c").write_text(DECODE_KERNEL_SOURCE)
-                r = subprocess.run([cc, *flags, "decode.c", "-o", "decode.so"], cwd=tmp, capture_output=True, text=True)
-                if r.returncode: return DecodeKernels({}, f"{cc} failed: {(r.stderr.strip().splitlines() or ['?'])[0]}")
-                os.replace(Path(tmp) / "decode.so", lib_path)  # atomic: another process never sees half a file
-        lib = ctypes.CDLL(str(lib_path))
-    except OSError as e: return DecodeKernels({}, f"cannot build or load {lib_path}: {e}")
+    for flags in (["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp"], ["-O3", "-march=native", "-shared", "-fPIC"]):
+        key = hashlib.sha256("\0".join([DECODE_KERNEL_SOURCE, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+        lib_path = nanogpt_plus_home() / "kernels" / f"decode-{key}.so"
+        try:  # without -fopenmp (a compiler or a system without OpenMP) the kernels run on one thread
+            if (problem := _build(cc, flags, lib_path)) is None: lib = ctypes.CDLL(str(lib_path)); break
+        except OSError as e: problem = f"cannot build or load {lib_path}: {e}"
+    else: return DecodeKernels({}, problem)
     if lib.decode_kernel_lanes() == 0: return DecodeKernels({}, "this CPU has neither AVX2 nor AVX-512")
     matvec = {}
     for dtype, name in ((torch.float32, "matvec_f32"), (torch.bfloat16, "matvec_bf16"), (torch.int8, "matvec_i8")):
         f = getattr(lib, name)
-        f.argtypes, f.restype = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3, None
+        f.argtypes, f.restype = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int], None
         matvec[dtype] = f
-    lib.read_memory.argtypes, lib.read_memory.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
-    return DecodeKernels(matvec, None, lib.read_memory)
+    lib.read_memory.argtypes, lib.read_memory.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_int64
+    return DecodeKernels(matvec, None, lib.read_memory, bool(lib.decode_kernel_openmp()))
 
 # %% ../nbs/16_fast_generation.ipynb #fadb7c83
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,6 +269,12 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # %% ../nbs/16_fast_generation.ipynb #f67e23ec
 KERNEL_ROWS = 32  # above this many rows a product is bound by arithmetic, not memory: ordinary matrix products win
+THREAD_BYTES = 2**18  # weights per thread, at least: one core reads 256 KB in about the time it takes to wake a thread
+
+
+def kernel_threads(nbytes: int) -> int:
+    "Threads for a product that reads `nbytes` of weights: torch's count (`torch.set_num_threads`), fewer for small ones."
+    return max(1, min(torch.get_num_threads(), nbytes // THREAD_BYTES))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None: return None if t is None else t.data_ptr()  # for the C kernels
@@ -257,7 +294,9 @@ def _kernel_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, n_out: int) ->
     K = w.size(1) * w.size(3)  # the width rounded up to whole cache lines of weights
     if K != x.size(-1): x = F.pad(x, (0, K - x.size(-1)))
     y = torch.empty(*x.shape[:-1], n_out)
-    decode_kernels().matvec[w.dtype](x.data_ptr(), w.data_ptr(), _ptr(scale), _ptr(bias), y.data_ptr(), x.numel() // K, n_out, K)
+    threads = kernel_threads(w.numel() * w.element_size())  # the output rows split over this many threads
+    decode_kernels().matvec[w.dtype](x.data_ptr(), w.data_ptr(), _ptr(scale), _ptr(bias), y.data_ptr(), x.numel() // K,
+                                     n_out, K, threads)
     return y
 
 # %% ../nbs/16_fast_generation.ipynb #59337186

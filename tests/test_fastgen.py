@@ -102,6 +102,78 @@ def test_kernels_unavailable_falls_back(monkeypatch, tmp_path):
         decode_kernels.cache_clear()
 
 
+@pytest.mark.skipif(not X86_WITH_CC, reason="the C kernels are for x86-64 with a C compiler")
+def test_kernels_are_built_with_openmp_where_the_compiler_has_it():
+    "gcc has -fopenmp: a build that lost it would run on one thread unseen."
+    if shutil.which("gcc") and os.path.realpath(shutil.which(os.environ.get("CC", "cc"))) == os.path.realpath(shutil.which("gcc")):
+        assert decode_kernels().openmp
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not X86_WITH_CC, reason="the C kernels are for x86-64 with a C compiler")
+@pytest.mark.parametrize("dtype", list(DECODE_DTYPES.values()))
+def test_kernels_same_bits_with_any_number_of_threads(dtype, monkeypatch, two_threads):
+    "Each output row is one thread's sum in a fixed order: 1, 2 and 3 threads give the same bits, odd sizes too."
+    monkeypatch.setattr(fastgen, "THREAD_BYTES", 1)  # threads even for the small matrices of a test
+    g = torch.Generator().manual_seed(0)
+    for N, K, M in [(3, 17, 1), (37, 200, 2), (1000, 768, 1), (257, 96, 16)]:
+        lin = nn.Linear(K, N)
+        with torch.no_grad(): lin.weight.copy_(torch.randn(N, K, generator=g))
+        layer, x = DecodeLinear.from_linear(lin, dtype), torch.randn(M, K, generator=g)
+        ys = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert fastgen.kernel_threads(layer.weight.numel() * layer.weight.element_size()) == n
+            ys.append(layer(x))
+        assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2]), (N, K, M)
+        torch.testing.assert_close(ys[0], F.linear(x, layer.dense(), lin.bias), rtol=0, atol=1e-4 * ys[0].abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", list(DECODE_DTYPES))
+def test_generation_same_logits_and_tokens_with_1_and_2_threads(dtype, monkeypatch, two_threads):
+    "A whole generation, prompt and steps: the logits bit for bit and the tokens, on one thread and on two."
+    monkeypatch.setattr(fastgen, "THREAD_BYTES", 1)
+    m = prepare_decoding(small_gpt(n_embd=96, context_size=24), dtype)
+    prompt = torch.randint(0, 65, (2, 20), generator=torch.Generator().manual_seed(4))  # 20 rows: the kernel's path
+    runs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        dec = FastDecoder(m, 2)
+        with torch.inference_mode():
+            logits = [dec(prompt[:, :L]) for L in range(6, 21)]
+            tokens = generate(m, prompt[:, :5], 40, temperature=0, decoder=FastDecoder(m, 2))  # past the window of 24
+        runs.append((torch.stack(logits), tokens))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_kernels_without_openmp_run_on_one_thread(monkeypatch, tmp_path, two_threads):
+    "A compiler without -fopenmp: the kernels build without it, say so, and give the same results."
+    if not X86_WITH_CC: pytest.skip("the C kernels are for x86-64 with a C compiler")
+    fake = tmp_path / "bin" / "cc"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && echo "unsupported option -fopenmp" >&2 '
+                    f'&& exit 1; done\nexec {shutil.which("cc")} "$@"\n')
+    fake.chmod(0o755)
+    x, lin = torch.randn(2, 300), nn.Linear(300, 900)
+    torch.set_num_threads(2)
+    want = DecodeLinear.from_linear(lin, torch.int8)(x)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("NANOGPT_PLUS_HOME", str(tmp_path / "home"))
+    decode_kernels.cache_clear()
+    try:
+        k = decode_kernels()
+        assert k.problem is None and not k.openmp and set(k.matvec) == {torch.float32, torch.bfloat16, torch.int8}
+        assert torch.equal(DecodeLinear.from_linear(lin, torch.int8)(x), want)
+    finally:
+        decode_kernels.cache_clear()
+
+
 def test_quantize_weight_bounds_and_edge_cases():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(50, 300, generator=g) * torch.logspace(-6, 3, 50)[:, None]  # rows of very different sizes
