@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.long  # minutes: `pytest -m long tests` runs it, CI leaves it out
 def test_gpu_check_runs_its_parts_at_cpu_size(tmp_path):
     env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
