@@ -65,7 +65,7 @@ class Server:
 
     def health(self) -> dict: return httpx.get(self.url + "/health", timeout=5).json()
 
-    def wait_for(self, test, what: str, seconds: float = 30) -> dict:
+    def wait_for(self, test, what: str, seconds: float = 120) -> dict:
         "Poll /health until `test(health)`, at most `seconds`."
         deadline = time.time() + seconds
         while not test(h := self.health()):
