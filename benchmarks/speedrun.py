@@ -15,7 +15,9 @@ depend on the machine and on what else it is doing; the loss and the FLOPs do no
 
 `--out FILE` appends the line to FILE with two more keys: `curve` (validation loss on fixed batches against FLOPs)
 and `sample` (400 characters after "ROMEO:", temperature 0.8, a fixed seed). `--from-dir DIR` reads a run that
-finished in DIR (one started with `--out-dir DIR`) instead of training again. `--device cuda` trains on a GPU
+finished in DIR (one started with `--out-dir DIR`) instead of training again. `--seeds K` trains K runs, seeds 1337,
+1338, ... (each in DIR/seed-S with `--out-dir DIR`), appends one line per run to `--out`, and prints one line: the
+first run's keys with `val_loss` their mean, `val_loss_std` (n - 1), `seeds` and `val_losses`. `--device cuda` trains on a GPU
 (`tools/gpu_check.sh`); `--smoke` spends 0.1% of the budget, to check that the run works (on a CPU, in seconds).
 """
 import argparse
@@ -42,6 +44,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="a JSON lines file to append the line to, with the curve and a sample")
     p.add_argument("--from-dir", type=Path, help="summarise the run that finished in this directory, do not train")
     p.add_argument("--device", help="where to train (default: the recipe's, auto: a GPU if there is one)")
+    p.add_argument("--seeds", type=int, default=1, help="how many runs, seeds 1337, 1338, ... (default: 1)")
     p.add_argument("--smoke", action="store_true",
                    help="0.1%% of the budget (a step or two): checks that the run works, measures nothing")
     args = p.parse_args(argv)
@@ -50,8 +53,25 @@ def main(argv=None):
     flags = ["--max-flops", f"{budget:g}"] if args.baseline or args.smoke else []
     if args.smoke: flags += ["--warmup-iters", "2", "--eval-interval", "10"]
     if args.device: flags += ["--device", args.device]
+    if args.seeds < 1: p.error("--seeds must be at least 1")
+    if args.from_dir and args.seeds > 1: p.error("--from-dir reads one run: leave out --seeds")
+    seeds = [1337 + i for i in range(args.seeds)]
+    lines = [one_run(args, name, flags, budget, seed, single=args.seeds == 1) for seed in seeds]
+    losses = [line["val_loss"] for line in lines]
+    if len(lines) > 1:
+        mean = sum(losses) / len(losses)
+        std = (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) ** 0.5
+        print(json.dumps(lines[0] | {"val_loss": round(mean, 4), "val_loss_std": round(std, 4), "seeds": seeds,
+                                     "val_losses": losses}))
+    else: print(json.dumps(lines[0]))
+
+
+def one_run(args, name: str, flags: list, budget: float, seed: int, single: bool) -> dict:
+    "Train (or read) one run with `seed`; its JSON line, also appended to `--out` with its curve and a sample."
+    flags = flags + ([] if single else ["--seed", str(seed)])
     with tempfile.TemporaryDirectory() as tmp:
         out = args.from_dir or args.out_dir or Path(tmp) / "run"
+        if args.out_dir and not single: out = args.out_dir / f"seed-{seed}"
         load, start = os.getloadavg()[0], time.perf_counter()
         if not args.from_dir:
             if args.out_dir: flags.append("--overwrite")
@@ -64,10 +84,9 @@ def main(argv=None):
                 "total_s": None if args.from_dir else round(total, 1), "tokens_per_s": summary["tokens_per_s"],
                 "load_avg": None if args.from_dir else [round(load, 1), round(os.getloadavg()[0], 1)],
                 "cpus": os.cpu_count(), "device": args.device or "auto", "config": config}
-        print(json.dumps(line))
         if args.out:
-            line |= {"curve": summary["curve"], "sample": sample(out)}
-            with open(args.out, "a") as f: f.write(json.dumps(line) + "\n")
+            with open(args.out, "a") as f: f.write(json.dumps(line | {"curve": summary["curve"], "sample": sample(out)}) + "\n")
+        return line
 
 
 def sample(run_dir: Path, prompt: str = "ROMEO:") -> str:
