@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['ATTENTION_PATHS', 'causal_mask', 'Head', 'MultiHeadAttention', 'CausalSelfAttention', 'time_attention_paths', 'measured_attention_path', 'LayerKVCache', 'KVCache', 'Rotary', 'QKNorm']
+__all__ = ['ATTENTION_PATHS', 'causal_mask', 'Head', 'MultiHeadAttention', 'CausalSelfAttention', 'time_attention_paths', 'attention_key', 'measured_attention_path', 'LayerKVCache', 'KVCache', 'Rotary', 'QKNorm']
 
 # %% ../nbs/04_attention.ipynb #1573da5b
 def causal_mask(T: int, past: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -161,9 +161,14 @@ def time_attention_paths(shape: tuple, dtype: torch.dtype, rounds: int = 3) -> d
     return {name: min(ts[1:]) for name, ts in times.items()}  # other work on the machine only ever adds time
 
 
+def attention_key(shape: tuple, dtype: torch.dtype) -> str:
+    "The entry of `ATTENTION_PATHS` for attention inputs of `shape` `(B, nh, T, hs)` and `dtype`: `bfloat16 (32, 4, 64, 48)`."
+    return f"{str(dtype).removeprefix('torch.')} {tuple(shape)}"
+
+
 def measured_attention_path(shape: tuple, dtype: torch.dtype) -> str:
     "`explicit` or `fused`: the faster training path at `shape` on this CPU, measured once and kept in `ATTENTION_PATHS`."
-    key = f"{str(dtype).removeprefix('torch.')} {tuple(shape)}"
+    key = attention_key(shape, dtype)
     if key not in ATTENTION_PATHS:
         times = time_attention_paths(tuple(shape), dtype)
         ATTENTION_PATHS[key] = min(times, key=times.get)
