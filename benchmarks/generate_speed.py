@@ -23,7 +23,10 @@ For each of ours: tokens/s, the ratio to transformers float32 (and to transforme
 against bfloat16), the bytes one token reads (weights and key-value cache), the bandwidth roof (bandwidth / bytes
 per token), the compute roof (fp32 FLOP/s / FLOPs per token: the kernels multiply in fp32 for every format), the
 fraction of the lower of the two reached, and the fraction of greedy tokens equal to our float32 ones; against
-llama.cpp in the matching GGUF format, the ratio of tokens/s and the fraction of greedy tokens that are the same.
+llama.cpp in the matching GGUF format, the ratio of tokens/s, the fraction of greedy tokens that are the same and
+how many come before the first difference; and for each llama.cpp format its tokens/s and the fraction of its greedy
+tokens equal to our float32 ones. A shape that cannot be exported to GGUF or that llama.cpp cannot load gets
+`llama_cpp_problem`, saying why, and no llama.cpp columns for what failed.
 
     python benchmarks/generate_speed.py [--models gpt2,recipe] [--threads default,1] [--rounds 3] [--new-tokens 200]
                                         [--llama-cpp f32,f16,q8_0] [--out nanogpt_plus/results/generate_speed.jsonl]
@@ -200,6 +203,9 @@ def measure(shape, threads, ours, peers, args, ggufs=None):
     for g in llama:
         res[f"llama_cpp_{g}_tokens_per_s"] = round(n / med(times[f"llama_cpp_{g}"]), 2)
         assert len(outs[f"llama_cpp_{g}"]) == n, f"llama.cpp made {len(outs[f'llama_cpp_{g}'])} tokens, not {n}"
+        if "float32" in ours:  # each format against our float32 too: f16 and q8_0 round otherwise than ours
+            same = [a == b for a, b in zip(outs["float32"][0, T0:].tolist(), outs[f"llama_cpp_{g}"])]
+            res[f"llama_cpp_{g}_same_greedy_tokens_as_fp32"] = round(sum(same) / n, 3)
         llama[g].llm.close()
     if problem: res["llama_cpp_problem"] = problem
     for d, model in ours.items():
@@ -263,12 +269,16 @@ def run_all(args, formats, gguf_dir, llama_version):
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # names this run's lines
     counts = [default if t == "default" else int(t) for t in args.threads.split(",")]
     from nanogpt_plus.fastgen import decode_kernels
+    from nanogpt_plus.formats import ExportError
     k = decode_kernels()
     for shape in args.models.split(","):
         ours, peers, ref = build(shape, [d for d in args.dtypes.split(",") if d], [d for d in args.peer_dtypes.split(",") if d])
-        ggufs = export_ggufs(ref, gguf_dir, formats) if formats else {}
+        ggufs, problem = {}, None
+        try: ggufs = export_ggufs(ref, gguf_dir, formats) if formats else {}
+        except ExportError as e: problem = f"no GGUF file of this shape: {e}"; log(problem)
         for threads in counts:
             res = measure(shape, threads, ours, peers, args, ggufs)
+            if problem: res["llama_cpp_problem"] = problem
             if formats: res["llama_cpp_version"] = llama_version
             res.update(default_threads=threads == default, cpus=os.cpu_count(), new_tokens=args.new_tokens,
                        prompt_tokens=args.prompt_tokens, rounds=args.rounds, torch=torch.__version__,

@@ -95,5 +95,22 @@ def test_a_small_run_writes_llama_cpp_columns(monkeypatch, tmp_path, capsys):
         assert line[f"llama_cpp_{g}_tokens_per_s"] > 0
         assert line[d]["llama_cpp_format"] == g and line[d]["ratio_to_llama_cpp"] > 0
         assert 0 <= line[d]["same_greedy_tokens_as_llama_cpp"] <= 1 and 0 <= line[d]["llama_cpp_same_until"] <= 12
+        assert 0 <= line[f"llama_cpp_{g}_same_greedy_tokens_as_fp32"] <= 1
     assert line["float32"]["tokens_per_s"] > 0 and "transformers_float32_tokens_per_s" in line  # the older columns stay
     assert line["llama_cpp_version"] and "llama_cpp_problem" not in line
+
+
+def test_a_file_llama_cpp_cannot_load_is_reported_not_measured(monkeypatch, tmp_path):
+    llama_cpp_or_skip()
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(vocab_size=65, context_size=64, n_layer=1, n_head=2, n_embd=64))
+    ours, peers, ref = bench.build("tiny", ["float32"], [])
+    good = bench.export_ggufs(ref, tmp_path, ["f32"])["f32"]
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(good.read_bytes()[:1000])  # cut short, as an interrupted copy leaves it
+    args = type("Args", (), dict(new_tokens=6, prompt_tokens=4, rounds=1))
+    torch_threads = torch.get_num_threads()
+    try: res = bench.measure("tiny", 1, ours, peers, args, {"f32": broken})
+    finally: torch.set_num_threads(torch_threads)
+    assert str(broken) in res["llama_cpp_problem"]
+    assert "llama_cpp_f32_tokens_per_s" not in res and "ratio_to_llama_cpp" not in res["float32"]
+    assert res["float32"]["tokens_per_s"] > 0
