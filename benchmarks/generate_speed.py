@@ -16,8 +16,8 @@ Threads: each thread count of `--threads` (default: torch's default, then 1) is 
 and the roof probes run with that many threads (`torch.set_num_threads`; llama.cpp's `n_threads` and
 `n_threads_batch`). Every round times each variant once, in turn, and reads a 256 MB buffer with chapter 16's
 reader on the same threads (the memory-bandwidth roof of that moment) and times a 1024 x 1024 fp32 matrix product
-(the compute roof). Results are medians over rounds; each ratio
-is the median of the ratios within rounds, so a change of machine load (other jobs) hits both sides of a ratio alike.
+(the compute roof). Results are medians over rounds; each ratio is the median of the ratios within rounds, so a
+change of machine load (other jobs) hits both sides of a ratio alike.
 
 For each of ours: tokens/s, the ratio to transformers float32 (and to transformers in the same precision, bfloat16
 against bfloat16), the bytes one token reads (weights and key-value cache), the bandwidth roof (bandwidth / bytes
