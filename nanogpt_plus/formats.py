@@ -262,7 +262,7 @@ def gguf_tokenizer(tokenizer, vocab_size: int) -> dict:
     elif isinstance(tokenizer, CharTokenizer):
         wide = [ch for ch in tokenizer.chars if ord(ch) > 127]
         if wide: raise ExportError(f"characters {''.join(wide[:5])!r} take several bytes, which llama.cpp's byte-level "
-                                   "tokenizer cannot map to one id without merges: export with tokenizer=None and feed ids")
+                                   "tokenizer cannot map to one id without merges: llama.cpp cannot run this model, export it to ONNX")
         tokens, types, merges, special, pre = [text(ch.encode()) for ch in tokenizer.chars], [1] * tokenizer.vocab_size, [], {}, "default"
     else: raise ExportError(f"a {type(tokenizer).__name__} has no GGUF form: pass a CharTokenizer, a GPT2Tokenizer or None")
     pad = vocab_size - len(tokens)  # GPT-2 checkpoints padded to a round vocabulary: unused rows
@@ -286,7 +286,7 @@ def _gguf_array(w: torch.Tensor, dtype: str):
 
 
 def export_gguf(model: nn.Module, tokenizer, path, dtype: str = "f32", overwrite: bool = False) -> Path:
-    "Write `model` (and `tokenizer`, unless None) as a GGUF file that llama.cpp runs; weights in `dtype`."
+    "Write `model` and `tokenizer` as a GGUF file that llama.cpp runs (None: weights only, which llama.cpp refuses)."
     import gguf
     if dtype not in GGUF_DTYPES: raise ExportError(f"dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     model = float_model(model)
