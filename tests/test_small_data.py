@@ -1,0 +1,109 @@
+"Chapter 13b's training options through the command line: --ema, --holdout-frac, --early-stop, --patience."
+import random
+
+import pytest
+import torch
+
+from nanogpt_plus import cli
+from nanogpt_plus.checkpoint import load_checkpoint, load_trainer_state
+from nanogpt_plus.train import read_metrics
+
+CORPUS = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+TINY = ["gpt", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--context-size", "16", "--batch-size", "4",
+        "--eval-iters", "2", "--eval-interval", "10", "--dtype", "float32", "--no-progress", "--seed", "3"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text(CORPUS * 60, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def noise(tmp_path):
+    "A text with nothing to learn beyond its letters' frequencies: a model can only memorise it, so it overfits."
+    rng, path = random.Random(0), tmp_path / "noise.txt"
+    path.write_text("".join(rng.choice("abcdefgh \n") for _ in range(3000)), encoding="utf-8")
+    return path
+
+
+def train(data, out, *flags) -> int: return cli.main(["train", *TINY, "--data", str(data), "--out-dir", str(out), *map(str, flags)])
+
+
+def weights(d): return load_checkpoint(d)[0].state_dict()
+
+
+def test_ema_resume_equals_a_straight_run_and_the_checkpoint_holds_the_average(tmp_path, data):
+    flags = ["--ema", "0.9", "--lr-decay-iters", "40"]
+    assert train(data, tmp_path / "straight", "--max-iters", 40, *flags) == 0
+    assert train(data, tmp_path / "split", "--max-iters", 20, *flags) == 0
+    assert train(data, tmp_path / "split", "--max-iters", 40, "--resume", *flags) == 0
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    for name in a: torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    raw = load_trainer_state(tmp_path / "straight")["callbacks"]["EMA"]["raw"]
+    assert set(raw) == set(a) and any(not torch.allclose(raw[k], a[k]) for k in a)  # average != raw weights
+    full = [r["val_loss_full"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "val_loss_full" in r]
+    assert len(full) == 1 and full[0] < 4.0
+
+
+def test_ema_zero_is_no_ema(tmp_path, data):
+    assert train(data, tmp_path / "plain", "--max-iters", 20) == 0
+    assert train(data, tmp_path / "zero", "--max-iters", 20, "--ema", "0") == 0
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "zero")
+    for name in a: assert torch.equal(a[name], b[name]), name
+
+
+OVERFIT = ["--n-layer", "2", "--n-embd", "32", "--batch-size", "8", "--warmup-iters", "0", "--learning-rate", "1e-2"]
+
+
+def test_holdout_is_scored_and_early_stopping_keeps_the_best(tmp_path, noise, capsys):
+    out = tmp_path / "early"
+    assert train(noise, out, "--max-iters", 150, *OVERFIT, "--holdout-frac", "0.2", "--early-stop") == 0
+    records = read_metrics(out / "metrics.jsonl")
+    held = [(r["step"], r["holdout_loss"]) for r in records if "holdout_loss" in r]
+    assert [s for s, _ in held] == list(range(0, 151, 10))
+    best = min(held, key=lambda h: h[1])[0]
+    assert best < 150 and records[-1]["weights_step"] == best  # noise: the held-out loss is best before the end
+    state = load_trainer_state(out)
+    kept = state["callbacks"]["EarlyStop"]["weights"]
+    for name, w in weights(out).items(): assert torch.equal(w, kept[name]), name
+    assert state["config"]["holdout_frac"] == 0.2 and state["config"]["early_stop"] is True
+
+
+def test_patience_stops_and_a_relaunch_says_complete(tmp_path, noise, capsys):
+    out, data = tmp_path / "patient", noise
+    flags = ["--max-iters", 400, *OVERFIT, "--holdout-frac", "0.2", "--early-stop", "--patience", "1"]
+    assert train(data, out, *flags) == 0
+    step = load_trainer_state(out)["step"]
+    assert step < 400 and load_trainer_state(out)["callbacks"]["EarlyStop"]["stopped"]
+    capsys.readouterr()
+    assert train(data, out, *flags, "--auto-resume") == 0
+    assert f"is complete: it stopped early at step {step}" in capsys.readouterr().out
+    assert load_trainer_state(out)["step"] == step
+
+
+def test_a_recipe_sets_them(tmp_path, data):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('ema = 0.5\nholdout_frac = 0.1\nearly_stop = true\npatience = 4\nmax_iters = 10\n')
+    assert cli.main(["train", "--config", str(recipe), *TINY, "--data", str(data), "--out-dir", str(tmp_path / "o")]) == 0
+    config = load_trainer_state(tmp_path / "o")["config"]
+    assert (config["ema"], config["holdout_frac"], config["early_stop"], config["patience"]) == (0.5, 0.1, True, 4)
+
+
+@pytest.mark.parametrize("flags, match", [(["--early-stop"], "pass both --early-stop and --holdout-frac"),
+                                          (["--holdout-frac", "0.1", "--patience", "3"], "pass both --early-stop")])
+def test_early_stopping_needs_a_holdout(tmp_path, data, capsys, flags, match):
+    capsys.readouterr()
+    assert train(data, tmp_path / "o", *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags", [["--ema", "1"], ["--ema", "-0.1"], ["--holdout-frac", "0.5"], ["--patience", "-1"]])
+def test_out_of_range_values_are_refused_by_the_parser(tmp_path, data, capsys, flags):
+    with pytest.raises(SystemExit) as e: train(data, tmp_path / "o", *flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flags[0]}: must be" in err and "Traceback" not in err, err
