@@ -1,4 +1,5 @@
 "Chapter 13b's training options through the command line: --ema, --holdout-frac, --early-stop, --patience."
+import json
 import random
 
 import pytest
@@ -107,3 +108,31 @@ def test_out_of_range_values_are_refused_by_the_parser(tmp_path, data, capsys, f
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flags[0]}: must be" in err and "Traceback" not in err, err
+
+
+def test_the_benchmark_collects_finished_runs(tmp_path, data):
+    "benchmarks/smalldata.py: one line per finished run, named by its directory; unfinished runs are skipped."
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    for name, flags in (("sr", []), ("sr-ema0.9", ["--ema", "0.9"])):
+        assert train(data, tmp_path / "runs" / name / "seed-3", "--max-iters", 20, *flags) == 0
+    unfinished = tmp_path / "runs" / "sr-cut" / "seed-3"
+    shutil.copytree(tmp_path / "runs" / "sr" / "seed-3", unfinished)
+    lines = (unfinished / "metrics.jsonl").read_text().splitlines()[:-1]  # no whole-split loss: not finished
+    (unfinished / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "smalldata.jsonl"
+    script = Path(__file__).parent.parent / "benchmarks" / "smalldata.py"
+    r = subprocess.run([sys.executable, str(script), "--baseline", "sr", str(tmp_path / "runs" / "sr*" / "seed-*"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "skipped" in r.stderr and "sr-cut" in r.stderr
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["technique"], x["seed"], x["steps"]) for x in runs] == [("baseline", 3, 20), ("ema0.9", 3, 20)]
+    metrics = read_metrics(tmp_path / "runs" / "sr" / "seed-3" / "metrics.jsonl")
+    assert runs[0]["val_loss"] == round(metrics[-1]["val_loss_full"], 4)
+    assert [c[2] for c in runs[0]["curve"]] == [m["train_loss"] for m in metrics if "val_loss" in m]
+    assert runs[0]["epochs"] == round(runs[0]["tokens"] / runs[0]["train_split_tokens"], 3)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "nothing*")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no finished run" in r.stderr
