@@ -237,6 +237,9 @@ def _add_small_data_args(parser: argparse.ArgumentParser) -> None:
                    "theirs (default: off)")
     g.add_argument("--patience", type=non_negative_int, metavar="N", help="with --early-stop: stop after N "
                    "evaluations without a better held-out loss (default: 0, never)")
+    g.add_argument("--bigram-table", action=argparse.BooleanOptionalAction, help="add to the output a learned table "
+                   "of logits for each pair (current token, next token): vocab_size^2 parameters, a lookup, no matmul "
+                   "FLOPs (default: off)")
 
 # %% ../nbs/11_cli.ipynb #333f49d5
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -397,7 +400,7 @@ def _check_train_args(args) -> None:
 
 
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "pos_emb", "norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap",
-               "zero_init")  # GPTConfig fields set by flags of the same name
+               "zero_init", "bigram_table")  # GPTConfig fields set by flags of the same name
 
 
 def new_model(args, tokenizer, device: torch.device, batch_size: int):

@@ -136,3 +136,78 @@ def test_the_benchmark_collects_finished_runs(tmp_path, data):
     assert runs[0]["epochs"] == round(runs[0]["tokens"] / runs[0]["train_split_tokens"], 3)
     r = subprocess.run([sys.executable, str(script), str(tmp_path / "nothing*")], capture_output=True, text=True)
     assert r.returncode == 2 and "no finished run" in r.stderr
+
+
+# --- chapter 13b's model option: a table of bigram logits ----------------------------------------------------------
+
+def bigram_gpt(seed: int = 0, table: bool = True, **options):
+    from nanogpt_plus.gpt import GPT, GPTConfig
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=11, context_size=32, n_layer=2, n_head=2, n_embd=16, bigram_table=table, **options)).eval()
+
+
+def test_bigram_table_starts_as_no_change_and_adds_its_row(tmp_path):
+    from nanogpt_plus.checkpoint import estimate_params, model_config
+    from nanogpt_plus.speedrun import step_flops
+    from nanogpt_plus.train import TrainConfig
+    plain, with_table = bigram_gpt(table=False), bigram_gpt()
+    idx = torch.randint(0, 11, (3, 20), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(with_table(idx)[0], plain(idx)[0], rtol=0, atol=0)  # zero at first: the same logits
+    assert with_table.num_params() == plain.num_params() + 11 * 11 == estimate_params("gpt", model_config(with_table))
+    assert with_table.flops_per_token(32) == plain.flops_per_token(32)  # a lookup: no matmul FLOPs
+    train = TrainConfig(batch_size=4, context_size=32)
+    assert step_flops(with_table.config, train) == step_flops(plain.config, train)
+    with torch.no_grad(): with_table.bigram.weight.normal_(generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(with_table(idx)[0] - plain(idx)[0], with_table.bigram.weight[idx], rtol=1e-5, atol=1e-5)
+    assert "bigram_table" not in repr(plain.config) and "bigram_table=True" in repr(with_table.config)
+
+
+@pytest.mark.parametrize("options", [{}, dict(pos_emb="rope", norm="rmsnorm", logit_softcap=5.0)])
+def test_bigram_table_decodes_alike_with_and_without_cache_and_when_served(options):
+    from nanogpt_plus.serve import decode_rows, prefill
+    model = bigram_gpt(**options)
+    with torch.no_grad(): model.bigram.weight.normal_(std=3.0, generator=torch.Generator().manual_seed(3))  # it decides
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    plain = model.generate(prompt, 20, temperature=0.0)
+    cached = model.generate(prompt, 20, temperature=0.0, use_kv_cache=True)
+    assert torch.equal(plain, cached)
+    cache = model.new_kv_cache(1)
+    first = prefill(model, prompt[0].tolist(), cache, 0)
+    torch.testing.assert_close(first, model(prompt)[0][0, -1], rtol=1e-5, atol=1e-5)
+    nxt = plain[0, 4:5]  # the token greedy decoding chose
+    served = decode_rows(model, cache, nxt, torch.tensor([4]))
+    torch.testing.assert_close(served[0], model(plain[:, :5])[0][0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_bigram_table_exports_where_a_format_can_hold_it(tmp_path):
+    from nanogpt_plus.formats import ExportError, export_onnx, gguf_architecture
+    from nanogpt_plus.interop import hf_config
+    model = bigram_gpt()
+    with pytest.raises(ValueError, match="bigram_table=True has no exact counterpart"): hf_config(model.config)
+    with pytest.raises(ExportError, match="bigram_table=True"): gguf_architecture(model.config)
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install nanogpt-plus[interop])")
+    from nanogpt_plus.formats import OnnxDecoder
+    with torch.no_grad(): model.bigram.weight.normal_(generator=torch.Generator().manual_seed(4))
+    path = export_onnx(model, tmp_path / "m.onnx")
+    ids = [1, 2, 3, 4, 5]
+    theirs = OnnxDecoder(path, model.context_size)(ids)
+    torch.testing.assert_close(torch.as_tensor(theirs), model(torch.tensor([ids]))[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_train_with_a_bigram_table_and_old_configs_still_load(tmp_path, data, capsys):
+    assert train(data, tmp_path / "b", "--max-iters", 10, "--bigram-table") == 0
+    model, _ = load_checkpoint(tmp_path / "b")
+    assert model.config.bigram_table and model.bigram.weight.abs().max() > 0  # it trained
+    assert train(data, tmp_path / "plain", "--max-iters", 10) == 0
+    meta = json.loads((tmp_path / "plain" / "config.json").read_text())
+    del meta["config"]["bigram_table"]  # as every config.json before this option was written
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    for f in ("model.safetensors", "tokenizer.json"): (tmp_path / "old" / f).write_bytes((tmp_path / "plain" / f).read_bytes())
+    old, new = load_checkpoint(tmp_path / "old")[0], load_checkpoint(tmp_path / "plain")[0]
+    assert old.bigram is None and not old.config.bigram_table
+    x = torch.randint(0, old.config.vocab_size, (2, 16))
+    assert torch.equal(old(x)[0], new(x)[0])
+    capsys.readouterr()
+    assert cli.main(["train", "bigram", "--data", str(data), "--bigram-table", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--bigram-table applies to `train gpt`" in capsys.readouterr().err
