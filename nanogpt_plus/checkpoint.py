@@ -231,7 +231,8 @@ def estimate_params(kind: str, config) -> int:
     attn = 2 * C * (C + kv) + ((2 * C + 2 * kv) if b else 0) + (2 * (C // c.n_head) if c.qk_norm else 0)  # qkv, proj; QK-norm gains
     mlp = (n_in + 1) * C * H + ((n_in * H + C) if b else 0)
     tables = c.vocab_size * C * (1 if c.tie_embeddings else 2) + (c.context_size * C if c.pos_emb == "learned" else 0)
-    return c.n_layer * (attn + mlp + 2 * norm) + tables + norm  # blocks, embeddings and head, ln_f
+    bigram = c.vocab_size ** 2 if c.bigram_table else 0  # chapter 13b's table of logits
+    return c.n_layer * (attn + mlp + 2 * norm) + tables + norm + bigram  # blocks, embeddings and head, ln_f
 
 # %% ../nbs/07b_checkpoints.ipynb #77b1cc42
 def _read_json(path: Path, what: str):

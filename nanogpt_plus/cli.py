@@ -48,11 +48,11 @@ from .formats import GGUF_DTYPES, export_gguf, export_onnx
 
 # %% auto #0
 __all__ = ['GPT_SIZES', 'GPT2_CONFIGS', 'BIGRAM_SIZES', 'TRAIN_PRESETS', 'positive_int', 'non_negative_int', 'positive_float',
-           'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'LORA_DEFAULTS', 'SHAPE_FLAGS',
-           'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES', 'EXPORT_FORMATS',
-           'SERVE_DTYPES', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args', 'add_parallel_args',
-           'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer', 'shakespeare_path',
-           'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
+           'non_negative_float', 'fraction', 'probability', 'MIN_BPE_VOCAB', 'holdout_fraction', 'LORA_DEFAULTS',
+           'SHAPE_FLAGS', 'FINETUNE_PRESETS', 'TRAIN_FIELDS', 'STOP_STATUS', 'DEFAULT_SEED', 'GENERATE_DTYPES',
+           'EXPORT_FORMATS', 'SERVE_DTYPES', 'tokenizer_spec', 'tokenizer_name', 'same_tokenizer', 'add_train_args',
+           'add_parallel_args', 'recipes', 'read_run_config', 'config_defaults', 'write_run_config', 'new_tokenizer',
+           'shakespeare_path', 'load_training_data', 'cut_to_fraction', 'new_model', 'default_out_dir', 'train_command',
            'add_generate_args', 'load_model_for', 'start_token', 'generation_model', 'generate_command',
            'add_prepare_args', 'prepare_command', 'add_quantize_args', 'quantize_command', 'add_merge_args',
            'merge_command', 'load_hf_for_cli', 'init_base', 'load_adapted_any', 'add_export_args', 'export_command',
@@ -160,6 +160,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     opt.add_argument("--grad-clip", type=non_negative_float, metavar="NORM", help="clip the gradient norm to NORM, 0: off (default: 1.0)")
     opt.add_argument("--seed", type=int, metavar="S", help="random seed for initialisation, batches and dropout (default: 1337)")
     _add_modern_args(parser)
+    _add_small_data_args(parser)
     _add_finetune_args(parser)
     _add_run_args(parser)
     return parser
@@ -218,6 +219,27 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (slow to start)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_parallel_args(parser)
+
+# %% ../nbs/11_cli.ipynb #11739582
+holdout_fraction = _checked(float, lambda v: 0 <= v < 0.5, "in [0, 0.5)")
+
+
+def _add_small_data_args(parser: argparse.ArgumentParser) -> None:
+    "The options of `train` for the small-data regime (chapter 13b): averaged weights, a held-out slice, early stopping."
+    g = parser.add_argument_group("small data (chapter 13b)")
+    g.add_argument("--ema", type=probability, metavar="DECAY", help="evaluate and save an exponential moving average "
+                   "of the weights, updated after every step with this decay, e.g. 0.999: the checkpoint holds the "
+                   "average, its trainer state the raw weights that --resume trains on (default: 0, off)")
+    g.add_argument("--holdout-frac", type=holdout_fraction, metavar="F", help="hold out the last fraction F of the "
+                   "training split, 0 <= F < 0.5: not trained on, scored at every evaluation as holdout_loss (default: 0)")
+    g.add_argument("--early-stop", action=argparse.BooleanOptionalAction, help="end with the weights of the best "
+                   "held-out evaluation (needs --holdout-frac): the checkpoint and the final validation loss are "
+                   "theirs (default: off)")
+    g.add_argument("--patience", type=non_negative_int, metavar="N", help="with --early-stop: stop after N "
+                   "evaluations without a better held-out loss (default: 0, never)")
+    g.add_argument("--bigram-table", action=argparse.BooleanOptionalAction, help="add to the output a learned table "
+                   "of logits for each pair (current token, next token): vocab_size^2 parameters, a lookup, no matmul "
+                   "FLOPs (default: off)")
 
 # %% ../nbs/11_cli.ipynb #333f49d5
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -370,12 +392,15 @@ def _check_train_args(args) -> None:
                          "--size (or the shape flags) instead of --gpt2-config")
     if (args.resume or args.auto_resume) and args.overwrite:
         raise ValueError(f"pass --{'auto-' if args.auto_resume else ''}resume or --overwrite, not both")
+    if not (args.resume or args.auto_resume) and (args.early_stop or args.patience) and not (args.early_stop and args.holdout_frac):
+        raise ValueError("early stopping watches a held-out slice of the training split, never the validation split: "
+                         "pass both --early-stop and --holdout-frac F (for example 0.05)")
     if args.max_iters is not None and args.max_flops is not None:  # a run configuration may set one, a flag the other
         print(f"note: --max-flops {args.max_flops:g} decides the number of steps; --max-iters is ignored", file=sys.stderr)
 
 
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "pos_emb", "norm", "qk_norm", "mlp", "tie_embeddings", "logit_softcap",
-               "zero_init")  # GPTConfig fields set by flags of the same name
+               "zero_init", "bigram_table")  # GPTConfig fields set by flags of the same name
 
 
 def new_model(args, tokenizer, device: torch.device, batch_size: int):
@@ -458,12 +483,21 @@ def _resume(out: Path, args, given: dict):
     if saved["lr_decay_iters"] is None: saved["lr_decay_iters"] = saved["max_iters"]  # a longer run keeps its schedule
     return model, tokenizer, state, TrainConfig(**{**saved, **given})
 
+
+def _complete(state: dict, config: TrainConfig) -> str | None:
+    "Why the saved run `state` has nothing left to do under `config`, or None."
+    if state.get("callbacks", {}).get("EarlyStop", {}).get("stopped"):
+        return f"it stopped early at step {state['step']}, when its held-out loss had stopped improving"
+    if config.max_iters <= state["step"]: return f"it has done its {state['step']} steps (a larger --max-iters continues it)"
+
 # %% ../nbs/11_cli.ipynb #a20b5621
 def train_command(args) -> int:
     "Run `nanogpt-plus train` with parsed `args`; returns the exit status."
     _check_train_args(args)
     _check_finetune_args(args)
     job = torchrun_job(args.parallel, args.device or "auto", args.dist_timeout or 600.0)  # None: one plain process
+    if job and (args.ema or args.holdout_frac or args.early_stop):
+        raise ValueError("--ema, --holdout-frac and --early-stop train in one process: drop --parallel")
     with joined(job): return _train(args, job)
 
 
@@ -480,9 +514,8 @@ def _train(args, job: Job | None) -> int:
         state = base = None
         if args.resume:
             model, tokenizer, state, config = _resume(out, args, given)
-            if config.max_iters <= state["step"]:  # nothing left to do: a success, so a relaunch loop ends here
-                if main: print(f"the run in {out} is complete: it has done its {state['step']} steps (a larger "
-                               "--max-iters continues it)")
+            if done := _complete(state, config):  # nothing left to do: a success, so a relaunch loop ends here
+                if main: print(f"the run in {out} is complete: {done}")
                 return 0
         elif held and not args.overwrite:
             raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, --overwrite to start "
@@ -527,7 +560,7 @@ def _announce(args, trainer: Trainer, tokenizer, out: Path, resumed: bool) -> No
     job = getattr(trainer, "job", None)
     print(f"{'resuming' if resumed else 'training'} {args.model} ({n:,} parameters"
           f"{f', {trainable:,} of them trainable' if trainable < n else ''}) on "
-          f"{len(trainer.train_data) + len(trainer.val_data):,} tokens ({tokenizer_name(tokenizer)}); {trainer.device}, "
+          f"{sum(map(len, trainer.splits)):,} tokens ({tokenizer_name(tokenizer)}); {trainer.device}, "
           f"{str(trainer.dtype).removeprefix('torch.')}"
           f"{f'; {job.world_size} processes ({job.strategy})' if job else ''}; checkpoints in {out}", file=sys.stderr)
 
@@ -544,12 +577,13 @@ def _finish(trainer: Trainer, out: Path, val_data) -> int:
         if main: print(f"{trainer.stop_reason} at step {trainer.step}: checkpoint saved in {out}; continue with --resume",
                        file=sys.stderr)
         return STOP_STATUS[trainer.stop_reason]
-    model = trainer.model if job is None else gather_model(trainer)  # the whole model, on process 0
+    model = trainer.eval_model if job is None else gather_model(trainer)  # the whole model, on process 0; EMA's average
     if not main: return 0
     val = evaluate(model.to(trainer.device), val_data, trainer.config.context_size, dtype=trainer.dtype)
-    trainer.log({"step": trainer.step, "val_loss_full": val})
+    kept = {} if trainer.restored_step is None else {"weights_step": trainer.restored_step}  # early stopping's choice
+    trainer.log({"step": trainer.step, "val_loss_full": val, **kept})
     print(f"done: {trainer.step} steps, {trainer.train_time:.0f} s of training; validation loss {val:.4f} "
-          f"(whole split); checkpoint in {out}")
+          f"(whole split{f', weights of step {trainer.restored_step}' if kept else ''}); checkpoint in {out}")
     return 0
 
 # %% ../nbs/11_cli.ipynb #efc8ea30

@@ -111,6 +111,7 @@ class CacheStep(nn.Module):
             x = x + block.mlp(_norm(block.ln2, x))
             keys.append(k); values.append(v)
         logits = m.lm_head(_norm(m.ln_f, x))  # (B, T, V)
+        if getattr(m, "bigram", None) is not None: logits = logits + m.bigram(input_ids)  # chapter 13b: a Gather
         if m.config.logit_softcap: logits = soft_cap(logits, m.config.logit_softcap)
         return logits, torch.stack(keys), torch.stack(values)  # (L, B, nh, P + T, hs) each
 
@@ -162,6 +163,9 @@ class OnnxDecoder:
 def gguf_architecture(config: GPTConfig) -> str:
     "llama.cpp's architecture that computes exactly what `config` describes; `ExportError` naming the option if none does."
     c = config
+    if c.bigram_table:
+        raise ExportError("bigram_table=True (a table of logits looked up by the current token, chapter 13b) is in no "
+                          "llama.cpp architecture: export it with export_onnx instead")
     if c.logit_softcap:
         raise ExportError(f"logit_softcap={c.logit_softcap} has no llama.cpp architecture beside our other choices "
                           "(only gemma2 caps logits, and its block differs): export a model without a soft-cap, or use ONNX")

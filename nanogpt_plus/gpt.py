@@ -42,7 +42,7 @@ def _check_modern_fields(c) -> None:
     for name, allowed in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
         if getattr(c, name) not in allowed:
             raise ValueError(f"unknown {name} {getattr(c, name)!r}: choose one of {', '.join(allowed)}")
-    for name in ("qk_norm", "tie_embeddings", "zero_init"):
+    for name in ("qk_norm", "tie_embeddings", "zero_init", "bigram_table"):
         if not isinstance(getattr(c, name), bool): raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
     cap = c.logit_softcap
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0):
@@ -82,9 +82,11 @@ class GPTConfig:
     n_kv_head: int | None = None  # key/value heads, each shared by n_head // n_kv_head query heads; None: n_head
     rope_theta: float = 10_000.0  # the base of rotary embeddings' frequencies
     norm_eps: float | None = None  # epsilon of every norm; None: each norm's own (1e-5, QK-norm's 1e-6)
+    # chapter 13b: a learned (vocab_size x vocab_size) table of logits added to the output, looked up by the current token
+    bigram_table: bool = False
 
-    def __repr__(self) -> str:  # chapter 17's fields only where set, so that every earlier config prints as it did
-        late = {"n_kv_head": None, "rope_theta": 10_000.0, "norm_eps": None}
+    def __repr__(self) -> str:  # later chapters' fields only where set, so that every earlier config prints as it did
+        late = {"n_kv_head": None, "rope_theta": 10_000.0, "norm_eps": None, "bigram_table": False}
         shown = [f.name for f in dataclasses.fields(self) if f.name not in late or getattr(self, f.name) != late[f.name]]
         return f"GPTConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
@@ -174,6 +176,8 @@ class GPT(Generates, nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings: self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix in and out
         init_gpt_weights(self, c.n_layer, c.zero_init)
+        self.bigram = nn.Embedding(c.vocab_size, c.vocab_size) if c.bigram_table else None  # chapter 13b
+        if self.bigram is not None: nn.init.zeros_(self.bigram.weight)  # at first it changes no logit
 
     @property
     def context_size(self) -> int: return self.config.context_size  # the most tokens the model can look at
@@ -205,6 +209,7 @@ class GPT(Generates, nn.Module):
         x = self.ln_f(x)
         if last_only: x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
         logits = self.lm_head(x)  # (B, T or 1, V)
+        if self.bigram is not None: logits = logits + self.bigram(idx[:, -1:] if last_only else idx)  # a lookup: no matmul
         if self.config.logit_softcap: logits = soft_cap(logits, self.config.logit_softcap)  # chapter 12
         if targets is None: return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # (B*T, V) against (B*T,)

@@ -269,10 +269,10 @@ def hf_config(config: GPTConfig) -> dict:
     "The transformers `config.json` that represents `config` exactly (gpt2, llama or qwen3); `ValueError` naming the field none does."
     c, nkv = config, config.n_kv_head or config.n_head
     if c.pos_emb == "learned":  # GPT-2's block: every other field must be GPT-2's
-        want = dict(norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True, logit_softcap=None)
+        want = dict(norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True, logit_softcap=None, bigram_table=False)
         family = "gpt2"
     else:  # rotary: Llama, or Qwen3 with QK-norm (one epsilon for every norm, no biases)
-        want = dict(norm="rmsnorm", mlp="swiglu", logit_softcap=None) | (dict(bias=False) if c.qk_norm else {})
+        want = dict(norm="rmsnorm", mlp="swiglu", logit_softcap=None, bigram_table=False) | (dict(bias=False) if c.qk_norm else {})
         family = "qwen3" if c.qk_norm else "llama"
     if family == "gpt2" and nkv != c.n_head: want["n_kv_head"] = None  # GPT-2 has a key/value head per query head
     for field, value in want.items():

@@ -225,6 +225,7 @@ def decode_rows(model, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor) 
         x = x + attend_rows(block.attn, block.ln1(x), cache.k[i], cache.v[i], pos, mask)
         x = x + block.mlp(block.ln2(x))
     logits = model.lm_head(model.ln_f(x))[:, -1]  # (B, 1, V) -> (B, V)
+    if getattr(model, "bigram", None) is not None: logits = logits + model.bigram(tokens)  # chapter 13b's table: (B, V)
     cap = model.config.logit_softcap  # chapter 12
     return soft_cap(logits, cap) if cap else logits
 

@@ -8,6 +8,7 @@ Docs: https://nanogpt-plus.github.io/nanogpt_plus/training.html.md"""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -34,9 +35,10 @@ from .optim import lr_at, lr_wsd, make_muon_optimizer, make_optimizer, set_lr  #
 
 # %% auto #0
 __all__ = ['TrainConfig', 'check_train_config', 'Callback', 'run_callbacks', 'accumulate', 'clipped_step', 'build_optimizer',
-           'within_budget', 'run_dtype', 'train_device', 'Trainer', 'check_windows', 'estimate_loss', 'Evaluate',
-           'LogLoss', 'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar', 'data_fingerprint',
-           'trainer_state', 'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'standard_callbacks', 'evaluate']
+           'within_budget', 'run_dtype', 'train_device', 'Trainer', 'check_windows', 'split_holdout', 'estimate_loss',
+           'Evaluate', 'LogLoss', 'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar',
+           'data_fingerprint', 'trainer_state', 'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'EMA',
+           'EarlyStop', 'standard_callbacks', 'evaluate']
 
 # %% ../nbs/08_training.ipynb #5c90c41c
 @dataclass
@@ -67,6 +69,11 @@ class TrainConfig:
     schedule: str = "cosine"       # warm-up then cosine decay, or "wsd": warm-up, stable, then a linear decay
     cooldown_frac: float = 0.2     # wsd: the share of the steps spent decaying
     max_flops: float | None = None  # a budget of training FLOPs: max_iters becomes the most steps that fit
+    # chapter 13b, small data: averaged weights, a held-out slice of the training split, early stopping
+    ema: float = 0.0               # evaluate and save a moving average of the weights with this decay; 0: off
+    holdout_frac: float = 0.0      # the last share of the training split, not trained on, evaluated as `holdout`
+    early_stop: bool = False       # end with the weights of the best held-out evaluation
+    patience: int = 0              # with early_stop: stop after this many evaluations without a better one; 0: never
 
     def __post_init__(self): check_train_config(self)
 
@@ -95,6 +102,12 @@ def check_train_config(c: TrainConfig) -> None:
         if getattr(c, f) not in allowed: raise ValueError(f"unknown {f} {getattr(c, f)!r}: use {' or '.join(allowed)}")
     if not 0 < c.cooldown_frac <= 1: raise ValueError(f"cooldown_frac must be in (0, 1], got {c.cooldown_frac}")
     if not 0 <= c.muon_momentum < 1: raise ValueError(f"muon_momentum must be in [0, 1), got {c.muon_momentum}")
+    if not 0 <= c.ema < 1: raise ValueError(f"ema must be a decay in [0, 1), got {c.ema}")
+    if not 0 <= c.holdout_frac < 0.5: raise ValueError(f"holdout_frac must be in [0, 0.5), got {c.holdout_frac}")
+    if c.patience < 0: raise ValueError(f"patience must be >= 0, got {c.patience}")
+    if (c.early_stop or c.patience) and not (c.early_stop and c.holdout_frac):
+        raise ValueError("early stopping watches a held-out slice of the training split: set both early_stop and "
+                         "holdout_frac (for example 0.05)")
 
 # %% ../nbs/08_training.ipynb #efb30001
 class Callback:
@@ -170,12 +183,14 @@ class Trainer:
     "Train `model` on 1-D token sequences `train_data`/`val_data`; `callbacks` add evaluation, checkpoints, ..."
     def __init__(self, model: nn.Module, train_data, val_data, config: TrainConfig,
                  device: str | torch.device = "cpu", callbacks: list[Callback] | None = None):
-        check_windows(model, train_data, val_data, config.context_size)
+        train_data, self.holdout_data = split_holdout(train_data, config.holdout_frac)  # chapter 13b
+        check_windows(model, train_data, val_data, config.context_size, self.holdout_data)
         self.config, self.train_data, self.val_data = config, train_data, val_data
         self.callbacks = sorted(callbacks or [], key=lambda cb: cb.order)
         self.device = train_device(device)
         self.dtype = run_dtype(model, config.dtype, self.device)
         self.model = model.to(self.device)
+        self.eval_model, self.restored_step = self.model, None  # what evaluations and checkpoints use (see `EMA`)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = build_optimizer(self.model, config, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -216,31 +231,44 @@ class Trainer:
         self.metrics.append(record)
         run_callbacks(self, "on_log", record=record)
 
+    @property
+    def splits(self) -> list:
+        "The data in text order: training split, held-out slice (if any), validation split."
+        return [d for d in (self.train_data, self.holdout_data, self.val_data) if d is not None]
+
 # %% ../nbs/08_training.ipynb #1bbe12cf
-def check_windows(model: nn.Module, train_data, val_data, context_size: int) -> None:
-    "Raise a `ValueError` if a window of `context_size` tokens cannot be drawn from both splits or read by `model`."
+def check_windows(model: nn.Module, train_data, val_data, context_size: int, holdout=None) -> None:
+    "Raise a `ValueError` if a window of `context_size` tokens cannot be drawn from each split or read by `model`."
     model_context = getattr(model, "config", None) and model.config.context_size  # the bigram reads any length
     if model_context and context_size > model_context:
         raise ValueError(f"context_size {context_size} is longer than the model's {model_context}")
-    for split, data in (("train", train_data), ("val", val_data)):
-        if len(data) <= context_size:
+    for split, data in (("train", train_data), ("val", val_data), ("holdout", holdout)):
+        if data is not None and len(data) <= context_size:
             raise ValueError(f"the {split} split has {len(data)} tokens, too few for windows of {context_size}: "
                              "use more data or a shorter context")
+
+
+def split_holdout(data, frac: float) -> tuple:
+    "`data` cut into the part to train on and its last `frac` held out (None when `frac` is 0)."
+    if not frac: return data, None
+    cut = len(data) - round(len(data) * frac)
+    return data[:cut], data[cut:]
 
 # %% ../nbs/08_training.ipynb #4cbb24e7
 @torch.no_grad()
 def estimate_loss(trainer: Trainer, iters: int) -> dict:
-    "Mean loss of `trainer.model` on `iters` fixed batches of each split: `{'train': ..., 'val': ...}`."
-    cfg, t, out = trainer.config, trainer, {}
-    t.model.eval()
-    for split, data in (("train", t.train_data), ("val", t.val_data)):
+    "Mean loss of `trainer.eval_model` on `iters` fixed batches of each split: `{'train': ..., 'val': ...}` (+ `holdout`)."
+    cfg, t, out, model = trainer.config, trainer, {}, trainer.eval_model
+    model.eval()
+    for split, data in (("train", t.train_data), ("val", t.val_data), ("holdout", t.holdout_data)):
+        if data is None: continue
         g = torch.Generator().manual_seed(cfg.seed + 1)  # the same windows at every evaluation
         losses = []
         for _ in range(iters):
             x, y = get_batch(data, cfg.batch_size, cfg.context_size, g, t.device)
-            with autocast(t.device, t.dtype): losses.append(t.model(x, y)[1].item())
+            with autocast(t.device, t.dtype): losses.append(model(x, y)[1].item())
         out[split] = sum(losses) / len(losses)
-    t.model.train()
+    model.train()
     return out
 
 
@@ -257,7 +285,8 @@ class Evaluate(Callback):
 
     def evaluate(self, t: Trainer) -> None:
         losses = estimate_loss(t, self.iters)
-        t.log({"step": t.step, "train_loss": losses["train"], "val_loss": losses["val"],
+        held = {"holdout_loss": losses["holdout"]} if "holdout" in losses else {}
+        t.log({"step": t.step, "train_loss": losses["train"], "val_loss": losses["val"], **held,
                "lr": t.config.lr(max(t.step - 1, 0)), "time_s": round(t.train_time, 3), "flops": t.flops})
 
 # %% ../nbs/08_training.ipynb #c6bb50e6
@@ -369,21 +398,21 @@ def data_fingerprint(*parts) -> str:
 
 def trainer_state(t: Trainer) -> dict:
     "Everything besides the weights that a resumed run needs: tensors, ints, floats and strings only."
-    if not hasattr(t, "data_sha256"): t.data_sha256 = data_fingerprint(t.train_data, t.val_data)  # once per run
+    if not hasattr(t, "data_sha256"): t.data_sha256 = data_fingerprint(*t.splits)  # once per run
     return {"step": t.step, "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
             "batch_rng": t.batch_rng.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if t.device.type == "cuda" else [],
             "tokens_seen": t.tokens_seen, "train_time": t.train_time, "flops": t.flops,
             "config": dataclasses.asdict(t.config),
-            "data_tokens": len(t.train_data) + len(t.val_data), "data_sha256": t.data_sha256,
+            "data_tokens": sum(map(len, t.splits)), "data_sha256": t.data_sha256,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in t.callbacks},
             "attention_paths": dict(ATTENTION_PATHS)}  # chapter 4's measured choices: resumed runs keep them
 
 
 def restore_trainer_state(t: Trainer, state: dict) -> None:
     "Continue from `state` (as `trainer_state` made it, read back by `load_trainer_state`)."
-    n = len(t.train_data) + len(t.val_data)
-    same = state["data_tokens"] == n and state.get("data_sha256", None) in (None, data_fingerprint(t.train_data, t.val_data))
+    n = sum(map(len, t.splits))  # a held-out slice is part of the same text: the fingerprint does not change
+    same = state["data_tokens"] == n and state.get("data_sha256", None) in (None, data_fingerprint(*t.splits))
     if not same:
         raise ValueError(f"the data differ from the run being resumed ({n:,} tokens now, {state['data_tokens']:,} then"
                          f"{'' if state['data_tokens'] != n else ', but not the same ones'}): pass the same --data "
@@ -424,16 +453,17 @@ class Checkpoint(Callback):
         self.save(t)  # the resumable checkpoint first: if the disk fills up, it is the one that matters
         if record["val_loss"] < self.best_val:
             self.best_val = record["val_loss"]
-            self.write(self.out_dir / "best", t.model)
+            self.write(self.out_dir / "best", t.eval_model)
 
     def after_fit(self, t: Trainer) -> None:
         try:
-            if t.stop_reason in ("interrupted", "terminated") and t.step != self.saved: self.save(t)
+            stopped = t.stop_reason in ("interrupted", "terminated") and t.step != self.saved
+            if stopped or t.restored_step is not None: self.save(t)  # or `EarlyStop` restored the best weights
         finally:
             if self.lock: self.lock = self.lock.__exit__(None, None, None)  # released once, even if fit failed early
 
     def save(self, t: Trainer) -> None:
-        self.write(self.out_dir, t.model, trainer_state(t))
+        self.write(self.out_dir, t.eval_model, trainer_state(t))  # the weights evaluated: `EMA` keeps the raw ones
         self.saved = t.step
 
     def write(self, directory: Path, model: nn.Module, state: dict | None = None) -> None:
@@ -464,12 +494,63 @@ class StopOnSignal(Callback):
         for sig, handler in self.previous.items(): signal.signal(sig, handler)
         self.previous = {}
 
+# %% ../nbs/08_training.ipynb #0be15fa1
+class EMA(Callback):
+    "Average the weights over the steps with `decay` (float32): evaluations and checkpoints use the average."
+    order = 45  # after the step's update, before `Evaluate` (50) scores the average
+    def __init__(self, decay: float): self.decay, self.model, self.raw = decay, None, None
+
+    def before_fit(self, t: Trainer) -> None:
+        if t.eval_model is not t.model: return  # a second `fit` goes on with the same average
+        t.eval_model = copy.deepcopy(t.model).float().requires_grad_(False)  # resumed: the checkpoint's weights are the average
+        if self.raw is not None: t.model.load_state_dict(self.raw)  # ... and its trainer state holds those trained on
+        self.model, self.raw = t.model, None
+
+    @torch.no_grad()
+    def after_step(self, t: Trainer, loss: float) -> None:
+        decay = min(self.decay, (1 + t.step) / (10 + t.step))  # a short memory at first: forget the random start
+        for avg, w in zip(t.eval_model.parameters(), t.model.parameters()): avg.lerp_(w.float(), 1 - decay)
+
+    def state_dict(self) -> dict: return {"raw": dict(self.model.state_dict())} if self.model is not None else {}
+    def load_state_dict(self, state: dict) -> None: self.raw = state.get("raw")
+
+# %% ../nbs/08_training.ipynb #8717272e
+class EarlyStop(Callback):
+    "Keep the weights of the best held-out loss; stop after `patience` evaluations without a better one (0: never)."
+    order = 15  # sees each evaluation before `Checkpoint` (20) saves this callback's state with it
+    def __init__(self, patience: int = 0):
+        self.patience, self.best, self.best_step, self.bad, self.stopped, self.weights = patience, math.inf, 0, 0, False, {}
+
+    def on_log(self, t: Trainer, record: dict) -> None:
+        if "holdout_loss" not in record: return
+        if record["holdout_loss"] < self.best:
+            self.best, self.best_step, self.bad = record["holdout_loss"], t.step, 0
+            self.weights = {k: v.detach().clone() for k, v in t.eval_model.state_dict().items()}
+        else:
+            self.bad += 1
+            if self.patience and self.bad >= self.patience: t.stop_reason, self.stopped = "early_stopped", True
+
+    def after_fit(self, t: Trainer) -> None:
+        finished = t.stop_reason == "early_stopped" or (t.stop_reason is None and t.step >= t.max_iters)
+        if finished and self.weights and self.best_step != t.step:
+            t.eval_model.load_state_dict(self.weights)  # the run ends with its best weights
+            t.restored_step = self.best_step
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped": self.stopped, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step, self.bad, self.stopped, self.weights = (state[k] for k in
+                                                                            ("best", "best_step", "bad", "stopped", "weights"))
+
 # %% ../nbs/08_training.ipynb #c3ad19e7
 def standard_callbacks(config: TrainConfig, out_dir=None, tokenizer=None, progress: bool = True) -> list[Callback]:
     "Signals, training-loss records, evaluation, and with `out_dir` a metrics file and checkpoints; a progress bar."
     callbacks = [StopOnSignal(), LogLoss(config.log_interval), Evaluate(config.eval_interval, config.eval_iters)]
     if out_dir is not None: callbacks.append(MetricsFile(out_dir))
     if out_dir is not None and tokenizer is not None: callbacks.append(Checkpoint(out_dir, tokenizer))
+    if config.ema: callbacks.append(EMA(config.ema))  # chapter 13b's small-data tools
+    if config.early_stop: callbacks.append(EarlyStop(config.patience))
     if progress: callbacks.append(ProgressBar())
     return callbacks
 
