@@ -216,6 +216,9 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--dtype", choices=["auto", *DTYPES], help="precision of the matmuls (autocast): auto picks "
                      "bfloat16 on CPUs with AMX/AVX512-BF16 and on recent GPUs, float16 on older GPUs, else float32 "
                      "(default: auto)")
+    run.add_argument("--attention", choices=["measured", "explicit", "fused"], help="attention kernels for training on a "
+                     "CPU: the faster at the first step (measured), or the one named, so that a run does not depend on "
+                     "what else the machine is doing (default: measured)")
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (slow to start)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_parallel_args(parser)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import ATTENTION_PATHS
+from .attention import ATTENTION_PATHS, attention_key
 from .checkpoint import (CheckpointError, RunLock, load_checkpoint, load_trainer_state, recover,
                                      save_checkpoint)  # load_* are re-exported: train.load_checkpoint is the book's name
 from .data import atomic_write, get_batch
@@ -35,10 +35,10 @@ from .optim import lr_at, lr_wsd, make_muon_optimizer, make_optimizer, set_lr  #
 
 # %% auto #0
 __all__ = ['TrainConfig', 'check_train_config', 'Callback', 'run_callbacks', 'accumulate', 'clipped_step', 'build_optimizer',
-           'within_budget', 'run_dtype', 'train_device', 'Trainer', 'check_windows', 'split_holdout', 'estimate_loss',
-           'Evaluate', 'LogLoss', 'read_metrics', 'MetricsFile', 'plot_losses', 'save_loss_plot', 'ProgressBar',
-           'data_fingerprint', 'trainer_state', 'restore_trainer_state', 'Checkpoint', 'StopOnSignal', 'EMA',
-           'EarlyStop', 'standard_callbacks', 'evaluate']
+           'within_budget', 'run_dtype', 'train_device', 'pin_attention_path', 'Trainer', 'check_windows',
+           'split_holdout', 'estimate_loss', 'Evaluate', 'LogLoss', 'read_metrics', 'MetricsFile', 'plot_losses',
+           'save_loss_plot', 'ProgressBar', 'data_fingerprint', 'trainer_state', 'restore_trainer_state', 'Checkpoint',
+           'StopOnSignal', 'EMA', 'EarlyStop', 'standard_callbacks', 'evaluate']
 
 # %% ../nbs/08_training.ipynb #5c90c41c
 @dataclass
@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "auto"            # autocast dtype: auto or a key of DTYPES
     compile: bool = False          # torch.compile the model
+    attention: str = "measured"    # chapter 4's training path on a CPU: measured at the first step, or "explicit"/"fused"
     # chapters 12 and 13: Muon, the warm-up/stable/decay schedule, a budget of training FLOPs
     optimizer: str = "adamw"       # or "muon": Muon for the blocks' matrices, AdamW for the rest
     muon_lr: float | None = None   # peak learning rate of Muon's matrices (default: learning_rate)
@@ -98,7 +99,8 @@ def check_train_config(c: TrainConfig) -> None:
     for f in ("learning_rate", "muon_lr", "max_flops"):
         if getattr(c, f) == 0: raise ValueError(f"{f} must be > 0")
     if c.dtype != "auto" and c.dtype not in DTYPES: raise ValueError(f"unknown dtype {c.dtype!r}")
-    for f, allowed in (("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd"))):
+    for f, allowed in (("optimizer", ("adamw", "muon")), ("schedule", ("cosine", "wsd")),
+                       ("attention", ("measured", "explicit", "fused"))):
         if getattr(c, f) not in allowed: raise ValueError(f"unknown {f} {getattr(c, f)!r}: use {' or '.join(allowed)}")
     if not 0 < c.cooldown_frac <= 1: raise ValueError(f"cooldown_frac must be in (0, 1], got {c.cooldown_frac}")
     if not 0 <= c.muon_momentum < 1: raise ValueError(f"muon_momentum must be in [0, 1), got {c.muon_momentum}")
@@ -178,6 +180,15 @@ def train_device(device: str | torch.device) -> torch.device:
     if device.type == "cpu": reuse_freed_memory()  # no page faults for each step's activations
     return device
 
+# %% ../nbs/08_training.ipynb #a77e0001
+def pin_attention_path(model: nn.Module, config: TrainConfig, dtype: torch.dtype) -> None:
+    "Take `config.attention` (unless `measured`) as chapter 4's choice at the shape this run trains: no timing decides."
+    c = getattr(model, "config", None)
+    if config.attention == "measured" or not hasattr(c, "n_head"): return  # the bigram has no attention
+    shape = (config.batch_size, c.n_head, config.context_size, c.n_embd // c.n_head)  # (B, nh, T, hs) of a micro-batch
+    ATTENTION_PATHS[attention_key(shape, dtype)] = config.attention
+
+
 # %% ../nbs/08_training.ipynb #c5475234
 class Trainer:
     "Train `model` on 1-D token sequences `train_data`/`val_data`; `callbacks` add evaluation, checkpoints, ..."
@@ -190,6 +201,7 @@ class Trainer:
         self.device = train_device(device)
         self.dtype = run_dtype(model, config.dtype, self.device)
         self.model = model.to(self.device)
+        pin_attention_path(model, config, self.dtype)
         self.eval_model, self.restored_step = self.model, None  # what evaluations and checkpoints use (see `EMA`)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = build_optimizer(self.model, config, self.device.type)

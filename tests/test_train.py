@@ -209,3 +209,36 @@ def test_training_reads_memory_mapped_tokens(tmp_path):
     a = train.Trainer(bigram(), ids[:len(TRAIN)], ids[len(TRAIN):], cfg(max_iters=5)).fit()
     b = train.Trainer(bigram(), TRAIN, VAL, cfg(max_iters=5)).fit()
     torch.testing.assert_close(a.model.logits_table.weight, b.model.logits_table.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["explicit", "fused"])
+def test_named_attention_path_is_taken_without_timing(monkeypatch, path):
+    "A configuration that names the attention path is never timed: its runs cannot depend on the machine's load."
+    from nanogpt_plus import attention
+    monkeypatch.setattr(attention, "time_attention_paths", lambda *a, **k: pytest.fail("timed a named path"))
+    saved = dict(attention.ATTENTION_PATHS)
+    attention.ATTENTION_PATHS.clear()
+    try:
+        t = train.Trainer(tiny_gpt(dropout=0.0), TRAIN, VAL, cfg(max_iters=2, attention=path))
+        t.train_step(); t.train_step()
+        assert attention.ATTENTION_PATHS == {attention.attention_key((4, 2, 16, 8), torch.float32): path}
+    finally:
+        attention.ATTENTION_PATHS.clear(); attention.ATTENTION_PATHS.update(saved)
+
+
+def test_attention_path_must_be_known():
+    with pytest.raises(ValueError, match="unknown attention 'flash'"): cfg(attention="flash")
+
+
+def test_measured_attention_path_is_timed(monkeypatch):
+    "Without a name the path is measured (the shape is small enough for the explicit kernel to be a candidate)."
+    from nanogpt_plus import attention
+    calls = []
+    monkeypatch.setattr(attention, "time_attention_paths", lambda *a, **k: calls.append(a) or {"fused": 1.0, "explicit": 2.0})
+    saved = dict(attention.ATTENTION_PATHS)
+    attention.ATTENTION_PATHS.clear()
+    try:
+        train.Trainer(tiny_gpt(dropout=0.0), TRAIN, VAL, cfg(max_iters=1)).train_step()
+        assert len(calls) == 1 and list(attention.ATTENTION_PATHS.values()) == ["fused"]
+    finally:
+        attention.ATTENTION_PATHS.clear(); attention.ATTENTION_PATHS.update(saved)
