@@ -18,9 +18,11 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 MODELS = ("recipe", "speedrun-5e13", "speedrun-1.5e14", "lora", "lora-int8")
+RECIPES = MODELS[:3]  # trained from scratch by a recipe of the package
 LORA = ["--use-lora", "--lora-rank", "4", "--lora-alpha", "8", "--learning-rate", "3e-3", "--max-iters", "60",
         "--lr-decay-iters", "60", "--eval-interval", "20", "--seed", "1337"]  # chapter 14's command-line fine-tune
 
@@ -63,12 +65,13 @@ def romeo_text() -> str:
 
 def make(name: str, dirs: dict[str, Path], hows: dict[str, str], work: Path) -> Path:
     "The directory of model `name`: the one `dirs` has, or one made now in `work` (and its models first); `hows` says how."
-    if name in dirs:
-        hows.setdefault(name, "given by --from-dir")
+    recipe = f"nanogpt-plus train --config {'shakespeare-char' if name == 'recipe' else name}"
+    if name in dirs:  # the settings it was trained with are in its run.toml, which the card keeps
+        hows.setdefault(name, f"given by --from-dir (expected: {recipe})" if name in RECIPES else "given by --from-dir")
         return dirs[name]
     out = work / name
-    if name in ("recipe", "speedrun-5e13", "speedrun-1.5e14"):
-        how = f"nanogpt-plus train --config {'shakespeare-char' if name == 'recipe' else name}"
+    if name in RECIPES:
+        how = recipe
         nanogpt_plus(*how.split()[1:], "--out-dir", out, "--no-progress")
     elif name == "lora":
         base = make("recipe", dirs, hows, work)
@@ -101,12 +104,18 @@ def card(name: str, directory: Path, how: str, suite: str, work: Path) -> dict:
     from nanogpt_plus.evaluate import evaluate_checkpoint
     start = time.perf_counter()
     report = evaluate_checkpoint(directory, suite, out_dir=work / "reports" / name, progress=False)
-    made = how
-    if (directory / "run.toml").is_file():  # what `train` wrote: the settings of the run
-        made += ("; " if made else "") + "settings: " + "; ".join(
-            line for line in (directory / "run.toml").read_text().splitlines() if line and not line.startswith("#"))
-    return {"model": name, **describe(directory), "made": made, "eval_s": round(time.perf_counter() - start, 1),
+    return {"model": name, **describe(directory), "made": how, **trained(directory), "eval_s": round(time.perf_counter() - start, 1),
             "load": round(os.getloadavg()[0], 1), **report}
+
+
+def trained(directory: Path) -> dict:
+    "What `train` recorded in `directory`: its settings (run.toml), its steps and its final whole-split validation loss."
+    out = {}
+    if (directory / "run.toml").is_file(): out["settings"] = tomllib.loads((directory / "run.toml").read_text())
+    if (directory / "metrics.jsonl").is_file():
+        last = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+        if "val_loss_full" in last: out["steps"], out["val_loss_full"] = last["step"], last["val_loss_full"]
+    return out
 
 
 def main(argv=None) -> int:
