@@ -135,12 +135,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import torch
+    from nanogpt_plus.checkpoint import CheckpointError
     torch.set_num_threads(1)
     work = Path(args.work); work.mkdir(parents=True, exist_ok=True)
     hows = {}
     for name in names:
         directory = make(name, dirs, hows, work)
-        r = card(name, directory, hows[name], args.suite, work)
+        try: r = card(name, directory, hows[name], args.suite, work)
+        except (CheckpointError, OSError, ValueError) as e:  # not a model, or reports that cannot be written
+            print(f"error: {name}: {e}", file=sys.stderr)
+            return 2
         with open(args.out, "a") as f: f.write(json.dumps(r) + "\n")
         print(f"{name:>16}: {r['parameters']:,} parameters; bits/char validation {r['bpc']['validation']:.3f}, "
               f"unseen plays {r['bpc']['unseen plays']:.3f}, poems {r['bpc']['poems']:.3f} ({r['eval_s']} s)", flush=True)

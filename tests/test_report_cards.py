@@ -48,6 +48,17 @@ def test_bad_arguments_exit_2_in_one_line(tmp_path, argv, words):
     assert not out.exists() and not (tmp_path / "work").exists()  # nothing trained, nothing written
 
 
+def test_a_directory_that_holds_no_model_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "cards.jsonl"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report_cards.py"), "--out", str(out), "--models", "recipe",
+                           "--from-dir", f"recipe={tmp_path / 'empty'}", "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "recipe:" in done.stderr and "not a checkpoint" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not out.exists() and list((tmp_path / "empty").iterdir()) == []  # nothing written, the directory untouched
+
+
 def test_an_int8_copy_counts_the_parameters_of_its_float_model(tmp_path):
     tok = CharTokenizer("abcdefgh \n")
     torch.manual_seed(0)
