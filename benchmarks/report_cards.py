@@ -9,7 +9,7 @@ that already holds it (a model made from another, `lora` or `lora-int8`, is then
 with `nanogpt-plus eval`'s suite, and one JSON line per model is appended to --out: the report (report.json's content)
 with the model's name, its parameters, its size on disk and how it was made.
 
-    python benchmarks/report_cards.py --out nanogpt_plus/results/report_cards.jsonl \\
+    python benchmarks/report_cards.py --suite full --out nanogpt_plus/results/report_cards.jsonl \\
         --from-dir speedrun-5e13=/runs/sr50/seed-1337 --from-dir speedrun-1.5e14=/runs/sr150/seed-1337
 """
 import argparse
