@@ -7,7 +7,7 @@ included), with each seed. It records the validation loss over the whole validat
 curve of the loss on 10 fixed validation batches against FLOPs. One JSON line per run goes to --out (appended, so
 an interrupted ablation resumes where it stopped: runs already in the file are skipped), and a summary line to stdout.
 
-    python benchmarks/ablation.py --out nanogpt_plus/results/ablation.jsonl --jobs 2      # everything: 12 variants x 2 seeds
+    python benchmarks/ablation.py --out nanogpt_plus/results/ablation.jsonl --jobs 2      # everything: 12 variants x 3 seeds
     python benchmarks/ablation.py --variants gpt2,all --seeds 1337 --jobs 2 --out /tmp/check.jsonl   # the check
 """
 import argparse
@@ -62,7 +62,7 @@ def run(name: str, seed: int, budget: float, extra: list[str], threads: int | No
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
-    p.add_argument("--seeds", default="1337,1338")
+    p.add_argument("--seeds", default="1337,1338,1339")
     p.add_argument("--budget", type=float, default=1e13, help="training FLOPs per run")
     p.add_argument("--extra", default="", help="more flags for every run (one string)")
     p.add_argument("--out", type=Path, required=True, help="JSON lines file, appended to")

@@ -48,7 +48,8 @@ def test_no_notebook_reads_the_repository_outside_the_package(path):
 # the chapters that read results stored by the benchmark scripts; 13 takes about half a minute, the others longer
 LONG = [pytest.mark.slow, pytest.mark.long]  # minutes each: `pytest -m long tests` runs them
 STORED_RESULTS = ["13_speedrun.ipynb", "13b_small_data.ipynb", pytest.param("12_modern_gpt.ipynb", marks=LONG),
-                  pytest.param("15_distributed.ipynb", marks=LONG)]
+                  pytest.param("14_lora.ipynb", marks=LONG), pytest.param("15_distributed.ipynb", marks=LONG),
+                  pytest.param("19_evaluate.ipynb", marks=LONG)]
 
 
 @pytest.mark.parametrize("name", STORED_RESULTS)
