@@ -503,8 +503,9 @@ def train_command(args) -> int:
         raise ValueError("--ema, --holdout-frac and --early-stop train in one process: drop --parallel")
     with joined(job): return _train(args, job)
 
-
+# %% ../nbs/11_cli.ipynb #2e0dd9d9
 def _train(args, job: Job | None) -> int:
+    "Start or resume the run in `--out-dir` (in this process, or as one of `job`'s) and train it to its end."
     main = job is None or job.main  # the process that writes files and reports
     device = job.device if job else resolve_device(args.device or "auto")
     out = Path(args.out_dir) if args.out_dir else default_out_dir(args)

@@ -37,6 +37,19 @@ PRESETS = {
 POS_EMBS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "relu2", "swiglu")  # GPT-2's first
 
 
+def _check_shape(c) -> None:
+    "Refuse a shape that cannot be built: sizes that are not positive integers, a width the heads cannot share."
+    for name in ("vocab_size", "context_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if c.n_embd % c.n_head:
+        raise ValueError(f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}): "
+                         "every head gets n_embd // n_head channels")
+    if not 0 <= c.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {c.dropout}")
+    if not isinstance(c.bias, bool): raise ValueError(f"bias must be True or False, got {c.bias!r}")
+
+
 def _check_modern_fields(c) -> None:
     "Refuse values of chapter 12's fields that mean nothing, with a message that lists the choices."
     for name, allowed in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
@@ -91,15 +104,7 @@ class GPTConfig:
         return f"GPTConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                             "every head gets n_embd // n_head channels")
-        if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not isinstance(self.bias, bool): raise ValueError(f"bias must be True or False, got {self.bias!r}")
+        _check_shape(self)
         _check_modern_fields(self)
 
     @classmethod
@@ -126,6 +131,13 @@ def init_gpt_weights(model: nn.Module, n_layer: int, zero_init: bool = False) ->
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
         if zero_init and name.endswith(("attn.proj.weight", "mlp.proj.weight", "lm_head.weight")):
             nn.init.zeros_(p)  # chapter 12; a tied lm_head is listed as tok_emb.weight and keeps its values
+
+
+def _zero_bigram_table(vocab_size: int) -> nn.Embedding:
+    "Chapter 13b's `(vocab_size, vocab_size)` table of logits, looked up by the current token; zero, it changes nothing."
+    table = nn.Embedding(vocab_size, vocab_size)
+    nn.init.zeros_(table.weight)
+    return table
 
 
 def _check_forward_args(idx, targets, past: int, context_size: int, last_only: bool) -> None:
@@ -176,8 +188,7 @@ class GPT(Generates, nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings: self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix in and out
         init_gpt_weights(self, c.n_layer, c.zero_init)
-        self.bigram = nn.Embedding(c.vocab_size, c.vocab_size) if c.bigram_table else None  # chapter 13b
-        if self.bigram is not None: nn.init.zeros_(self.bigram.weight)  # at first it changes no logit
+        self.bigram = _zero_bigram_table(c.vocab_size) if c.bigram_table else None  # chapter 13b
 
     @property
     def context_size(self) -> int: return self.config.context_size  # the most tokens the model can look at

@@ -320,7 +320,7 @@ def _take(self: BatchEngine, seqs: list[Sequence], logits: torch.Tensor) -> None
         token = g if s.req.temperature == 0 or s.req.top_k == 1 else s.pick(row)
         s.accept(token, None if s.req.logprobs is None else token_logprobs(lp, token, self.tokenizer, s.req.logprobs))
 
-
+# %% ../nbs/18_serve.ipynb #29f8b0e2
 def _pack(self: BatchEngine, keep: list[Sequence]) -> None:
     "Keep the rows of `keep` only, moved up so that they stay rows `0 .. len(keep)-1` (the step reads a prefix)."
     for b, s in enumerate(keep):
@@ -396,7 +396,7 @@ def check_key(request, api_key: str | None) -> None:
         raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'", None,
                        "invalid_api_key")
 
-
+# %% ../nbs/18_serve.ipynb #a81d1184
 async def engine_events(request, queue: asyncio.Queue, seqs: list[Sequence]):
     "Per choice, what the engine sent since the last time (`merge_events`); if the client goes away, its sequences leave."
     left = len(seqs)
