@@ -231,8 +231,9 @@ def _add_small_data_args(parser: argparse.ArgumentParser) -> None:
     "The options of `train` for the small-data regime (chapter 13b): averaged weights, a held-out slice, early stopping."
     g = parser.add_argument_group("small data (chapter 13b)")
     g.add_argument("--ema", type=probability, metavar="DECAY", help="evaluate and save an exponential moving average "
-                   "of the weights, updated after every step with this decay, e.g. 0.999: the checkpoint holds the "
-                   "average, its trainer state the raw weights that --resume trains on (default: 0, off)")
+                   "of the weights, updated after every step with this decay, e.g. 0.999, capped at (1 + step) / (10 + "
+                   "step) so that the average soon forgets the random start: the checkpoint holds the average, its "
+                   "trainer state the raw weights that --resume trains on (default: 0, off)")
     g.add_argument("--holdout-frac", type=holdout_fraction, metavar="F", help="hold out the last fraction F of the "
                    "training split, 0 <= F < 0.5: not trained on, scored at every evaluation as holdout_loss (default: 0)")
     g.add_argument("--early-stop", action=argparse.BooleanOptionalAction, help="end with the weights of the best "
