@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .fastgen import DecodeEmbedding, DecodeLinear
-from .gpt import GPT, GPTConfig, soft_cap
+from .gpt import GPT, GPTConfig, _output_logits
 from .tokenizer import CharTokenizer, GPT2Tokenizer
 
 # %% auto #0
@@ -110,9 +110,7 @@ class CacheStep(nn.Module):
             x = x + a
             x = x + block.mlp(_norm(block.ln2, x))
             keys.append(k); values.append(v)
-        logits = m.lm_head(_norm(m.ln_f, x))  # (B, T, V)
-        if getattr(m, "bigram", None) is not None: logits = logits + m.bigram(input_ids)  # chapter 13b: a Gather
-        if m.config.logit_softcap: logits = soft_cap(logits, m.config.logit_softcap)
+        logits = _output_logits(m, _norm(m.ln_f, x), input_ids)  # (B, T, V), as GPT.forward ends; the table: a Gather
         return logits, torch.stack(keys), torch.stack(values)  # (L, B, nh, P + T, hs) each
 
 # %% ../nbs/17b_gguf_onnx.ipynb #c025

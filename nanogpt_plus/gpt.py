@@ -140,6 +140,16 @@ def _zero_bigram_table(vocab_size: int) -> nn.Embedding:
     return table
 
 
+def _output_logits(model: nn.Module, x: torch.Tensor, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    "Logits `(B, T, V)` (`(B, 1, V)` with `last_only`) of the final states `x` `(B, T, C)` for the tokens `idx` `(B, T)`."
+    if last_only: x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
+    logits = model.lm_head(x)  # (B, T or 1, V)
+    if getattr(model, "bigram", None) is not None:  # chapter 13b's table: a lookup, no matrix product
+        logits = logits + model.bigram(idx[:, -1:] if last_only else idx)
+    if model.config.logit_softcap: logits = soft_cap(logits, model.config.logit_softcap)  # chapter 12
+    return logits
+
+
 def _check_forward_args(idx, targets, past: int, context_size: int, last_only: bool) -> None:
     if idx.dim() != 2: raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
     T = idx.size(1)
@@ -217,11 +227,7 @@ class GPT(Generates, nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, None if kv_cache is None else kv_cache.layer(i))
         if kv_cache is not None: kv_cache.advance(T)  # every layer has stored the T new positions
-        x = self.ln_f(x)
-        if last_only: x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
-        logits = self.lm_head(x)  # (B, T or 1, V)
-        if self.bigram is not None: logits = logits + self.bigram(idx[:, -1:] if last_only else idx)  # a lookup: no matmul
-        if self.config.logit_softcap: logits = soft_cap(logits, self.config.logit_softcap)  # chapter 12
+        logits = _output_logits(self, self.ln_f(x), idx, last_only)  # (B, T or 1, V)
         if targets is None: return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # (B*T, V) against (B*T,)
 

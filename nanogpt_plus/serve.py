@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .attention import KVCache, causal_mask
 from .bigram import check_sampling_args, sample_next_token
 from .generate import TextStream
-from .gpt import soft_cap
+from .gpt import _output_logits
 
 # %% auto #0
 __all__ = ['ATTENTION_VIEW', 'WEB_FILES', 'LOOPBACK', 'APIError', 'ServeLimits', 'CompletionRequest', 'start_token',
@@ -224,10 +224,7 @@ def decode_rows(model, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor) 
     for i, block in enumerate(model.blocks):
         x = x + attend_rows(block.attn, block.ln1(x), cache.k[i], cache.v[i], pos, mask)
         x = x + block.mlp(block.ln2(x))
-    logits = model.lm_head(model.ln_f(x))[:, -1]  # (B, 1, V) -> (B, V)
-    if getattr(model, "bigram", None) is not None: logits = logits + model.bigram(tokens)  # chapter 13b's table: (B, V)
-    cap = model.config.logit_softcap  # chapter 12
-    return soft_cap(logits, cap) if cap else logits
+    return _output_logits(model, model.ln_f(x), tokens[:, None])[:, -1]  # (B, 1, V) -> (B, V), as GPT.forward ends
 
 # %% ../nbs/18_serve.ipynb #8694faee
 @torch.no_grad()
