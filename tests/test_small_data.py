@@ -215,19 +215,21 @@ def test_train_with_a_bigram_table_and_old_configs_still_load(tmp_path, data, ca
 
 @pytest.mark.parametrize("name", ["speedrun-5e13", "speedrun-1.5e14"])
 def test_shipped_recipes_add_what_paid_and_turn_off_to_the_first_recipe(tmp_path, name):
-    "Chapter 13's recipes carry chapter 13b's two settings; `--ema 0 --no-bigram-table` gives the first recipe back."
+    "Chapter 13's recipes carry chapter 13b's two settings and windows of 256; flags for the rest give earlier versions back."
     import tomllib
     from importlib.resources import files
     recipe = tomllib.loads(files("nanogpt_plus").joinpath("recipes", f"{name}.toml").read_text())
-    assert (recipe["ema"], recipe["bigram_table"]) == (0.999, True)
+    batch = {"speedrun-5e13": 16, "speedrun-1.5e14": 8}[name]  # chapter 13's search: the larger budget wants more steps
+    assert (recipe["ema"], recipe["bigram_table"], recipe["context_size"], recipe["batch_size"]) == (0.999, True, 256, batch)
     stored = [json.loads(line) for line in files("nanogpt_plus").joinpath("results", "speedrun.jsonl").read_text().splitlines()]
-    first = next(r["config"] for r in stored if r["recipe"] == f"{name} (first)")
     shipped = [r["config"] for r in stored if r["recipe"] == name]
     assert len(shipped) == 3 and all({k: v for k, v in c.items() if k != "seed"} == recipe for c in shipped)  # runs of it
-    # the settings a run records, with --ema 0 --no-bigram-table on top of the recipe: the first recipe's, seed aside
-    args = cli.parse_args(["train", "--config", name, "--ema", "0", "--no-bigram-table", "--out-dir", str(tmp_path)])
-    cli.write_run_config(tmp_path / "run.toml", args)
-    ran = tomllib.loads((tmp_path / "run.toml").read_text())
     # the seed varies by run; the first runs predate the `attention` setting (their trainer states record the explicit path)
-    drop = lambda c: {k: v for k, v in c.items() if k not in ("seed", "ema", "bigram_table", "attention")}
-    assert drop(ran) == drop(first) and not ran.get("ema") and not ran.get("bigram_table")
+    drop = lambda c: {k: v for k, v in c.items() if k not in ("seed", "attention")}
+    short = ["--context-size", "64", "--batch-size", "32"]
+    for version, flags in (("context 64", short), ("first", short + ["--ema", "0", "--no-bigram-table"])):
+        earlier = [r["config"] for r in stored if r["recipe"] == f"{name} ({version})"]
+        args = cli.parse_args(["train", "--config", name, *flags, "--out-dir", str(tmp_path)])
+        cli.write_run_config(tmp_path / "run.toml", args)
+        ran = tomllib.loads((tmp_path / "run.toml").read_text())
+        assert earlier and all(drop(ran) == drop({"ema": 0.0, "bigram_table": False} | c) for c in earlier), version
