@@ -1,4 +1,4 @@
-"""Training FLOPs counted one way for every run, two budgets (5e13 and 1.5e14), and a first recipe for each, built from chapter 12's parts, on tiny-shakespeare.
+"""Training FLOPs counted one way for every run, two budgets (5e13 and 1.5e14), and a recipe for each, built from chapter 12's parts and chosen by a small search, on tiny-shakespeare.
 
 Docs: https://nanogpt-plus.github.io/nanogpt_plus/speedrun.html.md"""
 
